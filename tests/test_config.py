@@ -1,0 +1,65 @@
+import pytest
+import yaml
+
+from mmdit.config import Config, ConfigError, load_config
+
+
+def test_defaults_and_yaml(tmp_path):
+    assert load_config().data.resolution == 32
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  resolution: 64\n  holdout: [yellow triangle]\ntrain:\n  seed: 3\n")
+    cfg = load_config(path)
+    assert (cfg.data.resolution, cfg.data.holdout, cfg.train.seed) == (64, ["yellow triangle"], 3)
+    assert cfg.text_encoder.max_length == Config().text_encoder.max_length
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["data.resolution=48", "data.streaming=true", "text_encoder.name=t5-small",
+                             "data.holdout=[large cyan, red]", "text_encoder.name=null", "data.path=123"])
+    assert cfg.data.resolution == 48 and cfg.data.streaming is True
+    assert cfg.data.holdout == ["large cyan", "red"]
+    assert cfg.text_encoder.name is None
+    assert cfg.data.path == "123"  # a string field takes a number as its text
+
+
+def test_shipped_configs_load():
+    cfg = load_config("configs/shapes.yaml")
+    assert cfg.data.name == "shapes"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.resolutoin=64"], ["data.resolutoin", "valid keys", "resolution"]),
+    (["dta.resolution=64"], ["dta", "valid keys", "data", "text_encoder"]),
+    (["data.resolution=big"], ["data.resolution", "expected int", "'big'"]),
+    (["data.resolution=1.5"], ["data.resolution", "expected int"]),
+    (["data.streaming=3"], ["data.streaming", "expected bool"]),
+    (["data.holdout=red"], ["data.holdout", "expected list of str"]),
+    (["data.resolution"], ["section.key=value"]),
+    (["resolution=3"], ["section.key"]),
+    (["data.resolution.x=3"], ["data.resolution", "expected int"]),
+])
+def test_bad_overrides_name_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("data:\n  colour: red\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'data.colour'.*valid keys: name, path"):
+        load_config(unknown)
+
+
+def test_save_round_trip(tmp_path):
+    cfg = load_config(None, ["train.seed=7", "data.holdout=[a]"])
+    cfg.save(tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["seed"] == 7
+    assert load_config(tmp_path / "config.yaml") == cfg
