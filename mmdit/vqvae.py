@@ -1,0 +1,258 @@
+"""VQ-VAE image tokenizer: images (B, 3, H, W) in [-1, 1] <-> latents (B, d, H/f, W/f) <-> code indices.
+
+Encoder and decoder are the usual convolutional stacks (residual blocks with GroupNorm + SiLU, stride-2
+downsampling, optional self-attention at the lowest resolution). Between them a vector quantizer snaps each
+latent vector to the nearest of K codes:
+- distances are computed in fp32 even under bf16 autocast (bf16 argmin picks wrong codes);
+- the codebook is learned by exponential moving averages of the vectors assigned to each code (no codebook
+  loss, no optimizer state), with an optional l2-normalised / cosine variant (ViT-VQGAN, LlamaGen);
+- codes unused for `dead_code_steps` training steps are re-seeded from the current encoder outputs, which
+  keeps codebook usage high;
+- gradients pass the quantizer by the straight-through estimator, with a commitment loss (weight beta).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class VQVAEConfig:
+    channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # one per resolution: f = 2**(len-1)
+    num_res_blocks: int = 1
+    attention: bool = False  # self-attention block at the lowest resolution
+    codebook_size: int = 512
+    code_dim: int = 8
+    beta: float = 0.25  # commitment loss weight
+    ema_decay: float = 0.99
+    l2_normalize: bool = False  # cosine lookup on the unit sphere
+    dead_code_steps: int = 100  # re-seed a code unused for this many training steps (0 = never)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def __post_init__(self):
+        if self.downsample not in (1, 2, 4, 8, 16):
+            raise ValueError(f"vqvae.channel_mult has {len(self.channel_mult)} entries: downsampling factor "
+                             f"{self.downsample}; accepted: 1 to 5 entries (f = 1, 2, 4, 8, 16)")
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, c // 4) if c % 4 == 0 else 1, c, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.block = nn.Sequential(_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
+                                   _norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        return self.skip(x) + self.block(x)
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = _norm(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=-1)  # (B, hw, C) each
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj(out.transpose(1, 2).reshape(b, c, h, w))
+
+
+def _middle(c: int, attention: bool) -> list[nn.Module]:
+    return [ResBlock(c, c)] + ([AttnBlock(c), ResBlock(c, c)] if attention else [])
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        widths = [cfg.channels * m for m in cfg.channel_mult]
+        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        c = widths[0]
+        for level, width in enumerate(widths):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResBlock(c, width))
+                c = width
+            if level < len(widths) - 1:
+                layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+        layers += _middle(c, cfg.attention) + [_norm(c), nn.SiLU(), nn.Conv2d(c, cfg.code_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        widths = [cfg.channels * m for m in reversed(cfg.channel_mult)]
+        c = widths[0]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, c, 3, padding=1)] + _middle(c, cfg.attention)
+        for level, width in enumerate(widths):
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(ResBlock(c, width))
+                c = width
+            if level < len(widths) - 1:
+                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
+        layers += [_norm(c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code lookup with an EMA-learned codebook and dead-code restart."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        codes = torch.randn(cfg.codebook_size, cfg.code_dim)
+        if cfg.l2_normalize:
+            codes = F.normalize(codes, dim=1)
+        # The codebook is state, not a parameter: EMA updates it, the optimizer never sees it.
+        self.register_buffer("codebook", codes)  # (K, d)
+        self.register_buffer("ema_count", torch.ones(cfg.codebook_size))
+        self.register_buffer("ema_sum", codes.clone())
+        self.register_buffer("unused_steps", torch.zeros(cfg.codebook_size, dtype=torch.long))
+
+    def codes(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=1) if self.cfg.l2_normalize else self.codebook
+
+    def lookup(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, d) fp32 -> (N,) index of the nearest code (the max cosine, when l2-normalised)."""
+        codes = self.codes()
+        if self.cfg.l2_normalize:
+            return (flat @ codes.t()).argmax(dim=1)
+        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)
+        return distances.argmin(dim=1)
+
+    def embed(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) indices -> (B, d, h, w) quantized latents."""
+        return self.codes()[indices].permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """z (B, d, h, w) -> (quantized (B, d, h, w) with straight-through gradient, indices (B, h, w),
+        commitment loss, stats)."""
+        b, d, h, w = z.shape
+        with torch.autocast(z.device.type, enabled=False):
+            flat = z.float().permute(0, 2, 3, 1).reshape(-1, d)  # (N, d), N = B*h*w
+            if self.cfg.l2_normalize:
+                flat = F.normalize(flat, dim=1)
+            indices = self.lookup(flat)
+            counts = torch.bincount(indices, minlength=self.cfg.codebook_size).float()
+            if self.training:
+                self._update(flat.detach(), indices, counts)
+            quantized = self.codes()[indices]
+            loss = self.cfg.beta * F.mse_loss(flat, quantized.detach())
+            quantized = flat + (quantized - flat).detach()
+        quantized = quantized.view(b, h, w, d).permute(0, 3, 1, 2)
+        return quantized, indices.view(b, h, w), loss, code_stats(counts)
+
+    @torch.no_grad()
+    def _update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)  # (K, d)
+        if dist.is_available() and dist.is_initialized():  # every process must keep the same codebook
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        decay = self.cfg.ema_decay
+        self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
+        self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
+        # Laplace smoothing keeps a rarely used code from dividing by ~0.
+        n = self.ema_count.sum()
+        smoothed = (self.ema_count + 1e-5) / (n + self.cfg.codebook_size * 1e-5) * n
+        self.codebook.copy_(self.ema_sum / smoothed[:, None])
+        self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
+        if self.cfg.dead_code_steps > 0:
+            self.restart_dead_codes(flat)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, flat: torch.Tensor) -> int:
+        """Re-seed codes unused for `dead_code_steps` steps with random current encoder outputs."""
+        dead = (self.unused_steps >= self.cfg.dead_code_steps).nonzero().squeeze(1)
+        if len(dead) == 0:
+            return 0
+        picks = torch.randint(len(flat), (len(dead),), device=flat.device)
+        fresh = flat[picks] + 1e-3 * torch.randn_like(flat[picks])  # a nudge, so twins can separate
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(fresh, src=0)
+        mean_count = self.ema_count.mean()
+        self.codebook[dead] = fresh
+        self.ema_sum[dead] = fresh * mean_count
+        self.ema_count[dead] = mean_count
+        self.unused_steps[dead] = 0
+        return len(dead)
+
+
+def code_stats(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Usage (fraction of codes used) and perplexity (exp of the entropy of code frequencies)."""
+    p = counts / counts.sum().clamp(min=1)
+    return {"usage": (counts > 0).float().mean(), "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum())}
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quantizer = VectorQuantizer(cfg)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) in [-1, 1] -> (quantized latents (B, d, h, w), indices (B, h, w))."""
+        quantized, indices, _, _ = self.quantizer(self.encoder(images))
+        return quantized, indices
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, d, h, w) -> images (B, 3, H, W), roughly in [-1, 1] (not clamped)."""
+        return self.decoder(latents)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.quantizer.embed(indices))
+
+    def quantize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Snap any latents (e.g. sampled by a diffusion model) to their nearest codes."""
+        quantized, _, _, _ = self.quantizer(latents)
+        return quantized
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """-> (reconstructions, commitment loss, code stats)."""
+        quantized, _, commit, stats = self.quantizer(self.encoder(images))
+        return self.decoder(quantized), commit, stats
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "VQVAE":
+        directory = Path(directory)
+        if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
+            raise FileNotFoundError(f"no VQ-VAE in {directory}: expected config.json and model.safetensors")
+        model = cls(VQVAEConfig(**json.loads((directory / "config.json").read_text())))
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return model.eval()
+
+
+def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = (images.float() - reconstructions.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
