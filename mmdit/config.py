@@ -18,6 +18,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from mmdit.trainer import StageConfig
+from mmdit.vqvae import VQVAEConfig
+
 
 class ConfigError(ValueError):
     """A user mistake in a config file or an override; the message is meant to be shown as is."""
@@ -50,17 +53,27 @@ class TextEncoderConfig:
 
 
 @dataclass
+class VQVAETrainConfig(StageConfig):
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/shapes"
     cache_dir: str = ".cache/mmdit"  # caption-embedding cache, shared across runs
+    stage: str = "all"  # "all" | "data" | "vqvae" (later stages reuse what earlier ones wrote)
     seed: int = 0
-    mixed_precision: str = "bf16"  # "no" | "bf16" | "fp16"
+    # "auto" = bf16 where the hardware runs it fast (GPUs, CPUs with AMX/AVX512-BF16), else fp32.
+    mixed_precision: str = "auto"
 
 
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    vqvae_train: VQVAETrainConfig = field(default_factory=VQVAETrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -127,7 +140,10 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own consistency check (__post_init__)
+        raise ConfigError(str(e)) from None
 
 
 def _set_override(tree: dict, override: str) -> None:

@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 
 @dataclass
 class VQVAEConfig:
+    patch_size: int = 1  # pixels folded into channels first (space-to-depth): cheap full-resolution stage
     channels: int = 64
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # one per resolution: f = 2**(len-1)
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # one per resolution below the patch
     num_res_blocks: int = 1
     attention: bool = False  # self-attention block at the lowest resolution
     codebook_size: int = 512
@@ -38,16 +39,18 @@ class VQVAEConfig:
 
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
+        return self.patch_size * 2 ** (len(self.channel_mult) - 1)
 
     def __post_init__(self):
-        if self.downsample not in (1, 2, 4, 8, 16):
-            raise ValueError(f"vqvae.channel_mult has {len(self.channel_mult)} entries: downsampling factor "
-                             f"{self.downsample}; accepted: 1 to 5 entries (f = 1, 2, 4, 8, 16)")
+        if self.downsample not in (1, 2, 4, 8, 16) or not self.channel_mult:
+            raise ValueError(f"vqvae: patch_size {self.patch_size} x 2**(len(channel_mult) - 1) gives a "
+                             f"downsampling factor of {self.downsample}; accepted: 1, 2, 4, 8, 16")
 
 
 def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, c // 4) if c % 4 == 0 else 1, c, eps=1e-6)
+    # At most 32 groups of at least 4 channels, and a count that divides c (any width builds).
+    groups = max(g for g in range(1, min(32, max(1, c // 4)) + 1) if c % g == 0)
+    return nn.GroupNorm(groups, c, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -83,7 +86,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         widths = [cfg.channels * m for m in cfg.channel_mult]
-        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        layers: list[nn.Module] = [nn.PixelUnshuffle(cfg.patch_size),
+                                   nn.Conv2d(3 * cfg.patch_size ** 2, widths[0], 3, padding=1)]
         c = widths[0]
         for level, width in enumerate(widths):
             for _ in range(cfg.num_res_blocks):
@@ -110,7 +114,8 @@ class Decoder(nn.Module):
                 c = width
             if level < len(widths) - 1:
                 layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
-        layers += [_norm(c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
+        layers += [_norm(c), nn.SiLU(), nn.Conv2d(c, 3 * cfg.patch_size ** 2, 3, padding=1),
+                   nn.PixelShuffle(cfg.patch_size)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):

@@ -1,24 +1,33 @@
 """Train mmdit end to end: `accelerate launch train/train.py [--config FILE] [section.key=value ...]`.
 
 With no arguments it runs the embedded default (configs/shapes.yaml), fully offline:
-  1. data:  generate the synthetic shapes dataset if it is missing, check both splits load;
-  2. text:  encode every distinct caption once with the frozen text encoder into the caption cache.
+  1. data:   generate the synthetic shapes dataset if it is missing;
+  2. text:   encode every distinct caption once with the frozen text encoder into the caption cache;
+  3. vqvae:  train the VQ-VAE tokenizer, export it, encode every image once into the latent cache.
+`train.stage` runs one stage alone (data | vqvae); a later stage reuses what earlier ones wrote.
 Everything a run writes goes under `train.output_dir` (the resolved config first).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
-from mmdit.config import ConfigError, load_config
-from mmdit.data.loader import DataError, ensure_dataset, split_captions
+from mmdit import latents
+from mmdit.config import Config, ConfigError, load_config
+from mmdit.data.loader import DataError, ImageCaptions, ensure_dataset, split_captions
+from mmdit.grid import save_grid, to_pil
 from mmdit.text_encoder import CaptionCache, TextEncoder, TextEncoderLoadError
+from mmdit.trainer import batch_indices, fit, resolve_mixed_precision
+from mmdit.vqvae import VQVAE, code_stats, psnr
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
 log = get_logger("mmdit.train")
@@ -47,10 +56,84 @@ def cache_captions(cfg, accelerator: Accelerator) -> CaptionCache:
     return cache
 
 
+def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path) -> None:
+    """Stage 1: train the tokenizer on the train split, export it, then fill the latent cache."""
+    tcfg = cfg.vqvae_train
+    train = ImageCaptions.from_split(cfg.data, cfg.data.train_split, progress=accelerator.is_main_process)
+    val = ImageCaptions.from_split(cfg.data, cfg.data.val_split, progress=accelerator.is_main_process)
+    f = cfg.vqvae.downsample
+    if cfg.data.resolution % f:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} is not divisible by the VQ-VAE downsampling "
+                          f"factor {f}; accepted: multiples of {f}")
+    images = train.images  # (N, 3, R, R) uint8, kept uint8 until the batch is gathered
+    fixed = val.images[:8].float() / 127.5 - 1
+
+    def get_batch(step: int) -> torch.Tensor:
+        rows = batch_indices(step, len(images), tcfg.batch_size, cfg.train.seed,
+                             accelerator.process_index, accelerator.num_processes)
+        return (images[rows].float() / 127.5 - 1).to(accelerator.device)
+
+    def loss_fn(model, x):
+        recon, commit, stats = model(x)
+        recon = recon.float()
+        l1, mse = (recon - x).abs().mean(), F.mse_loss(recon, x)
+        loss = tcfg.l1_weight * l1 + tcfg.mse_weight * mse + commit
+        return loss, {"l1": l1.detach(), "mse": mse.detach(), "commit": commit.detach(),
+                      "psnr": psnr(x, recon.detach()).mean(), **stats}
+
+    def on_image(step: int) -> None:
+        model = accelerator.unwrap_model(vqvae)
+        model.eval()
+        with torch.no_grad():
+            recon = model.decode(model.encode(fixed.to(accelerator.device))[0])
+        model.train()
+        save_grid([to_pil(fixed), to_pil(recon)], out / "vqvae" / f"recon-{step:06d}.png", scale=4)
+
+    vqvae = VQVAE(cfg.vqvae)
+    log.info(f"vqvae: {sum(p.numel() for p in vqvae.parameters()) / 1e6:.2f}M parameters, f{f}, "
+             f"{cfg.vqvae.codebook_size} codes of dim {cfg.vqvae.code_dim}, {tcfg.steps} steps")
+    vqvae = fit(accelerator, "vqvae", vqvae, tcfg, get_batch, loss_fn, out / "vqvae", on_image)
+    if not accelerator.is_main_process:
+        return
+    vqvae.eval()
+    vqvae.save_pretrained(out / "vqvae" / "model")
+    cache = out / "latents"
+    train_idx = latents.encode_images(vqvae, train.images, desc="latent cache: train")
+    val_idx = latents.encode_images(vqvae, val.images, desc="latent cache: validation")
+    latents.save_split(cache, cfg.data.train_split, train_idx, train)
+    latents.save_split(cache, cfg.data.val_split, val_idx, val)
+    stats = latents.latent_stats(vqvae, train_idx)
+    (cache / "stats.json").write_text(json.dumps(stats, indent=2))
+
+    with torch.no_grad():  # validation metrics, from the cached indices
+        recon = torch.cat([vqvae.decode_indices(val_idx[i:i + 256].long()) for i in range(0, len(val_idx), 256)])
+    real = val.images.float() / 127.5 - 1
+    counts = torch.bincount(val_idx.flatten().long(), minlength=cfg.vqvae.codebook_size).float()
+    metrics = {"psnr": psnr(real, recon).mean().item(), **{k: v.item() for k, v in code_stats(counts).items()}}
+    if cfg.data.name == "shapes":
+        metrics["judge"] = judge_accuracy(recon, val.columns)
+    (out / "vqvae" / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info(f"vqvae: validation {json.dumps(metrics)}")
+
+
+def judge_accuracy(images: torch.Tensor, columns: dict) -> dict[str, float]:
+    """Fraction of images whose shape, colour, position and size the shapes judge reads correctly."""
+    from mmdit.data.shapes import judge
+
+    keys = ("shape", "color", "position", "size")
+    verdicts = [judge(image) for image in to_pil(images)]
+    acc = {k: sum(v[k] == t for v, t in zip(verdicts, columns[k])) / len(verdicts) for k in keys}
+    acc["all"] = sum(all(v[k] == columns[k][i] for k in keys) for i, v in enumerate(verdicts)) / len(verdicts)
+    return acc
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    if cfg.train.stage not in ("all", "data", "vqvae"):
+        raise ConfigError(f"train.stage={cfg.train.stage!r}; accepted: all, data, vqvae")
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+                              log_with="tensorboard", project_dir=cfg.train.output_dir)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     set_seed(cfg.train.seed)
 
@@ -60,7 +143,12 @@ def main(argv: list[str] | None = None) -> None:
         cfg.save(out / "config.yaml")
         ensure_dataset(cfg.data)
     accelerator.wait_for_everyone()
-    cache_captions(cfg, accelerator)
+    accelerator.init_trackers("tensorboard")
+    if cfg.train.stage in ("all", "data"):
+        cache_captions(cfg, accelerator)
+    if cfg.train.stage in ("all", "vqvae"):
+        train_vqvae(cfg, accelerator, out)
+    accelerator.end_training()
     log.info(f"done: run directory {out}")
 
 

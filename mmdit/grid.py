@@ -1,0 +1,33 @@
+"""Image grids people look at: reconstructions during VQ-VAE training, samples during DiT training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> RGB PIL images."""
+    arrays = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arrays]
+
+
+def save_grid(rows: list[list[Image.Image]], path: str | Path, scale: int = 1,
+              labels: list[str] | None = None, pad: int = 2) -> Path:
+    """Rows of equally sized images -> one PNG; an optional label is written left of each row."""
+    w, h = (s * scale for s in rows[0][0].size)
+    label_w = 0 if labels is None else 7 * max(len(t) for t in labels) + 8
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_w + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, row in enumerate(rows):
+        y = pad + i * (h + pad)
+        if labels is not None:
+            draw.text((4, y + h // 2 - 5), labels[i], fill="black")
+        for j, image in enumerate(row):
+            grid.paste(image.resize((w, h), Image.NEAREST), (label_w + pad + j * (w + pad), y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
