@@ -74,7 +74,8 @@ def lr_factor(step: int, cfg: StageConfig) -> float:
     if cfg.schedule == "constant":
         return warm
     if cfg.schedule == "cosine":
-        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, cfg.steps))))
+        progress = max(0.0, step + 1 - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     raise ValueError(f"schedule={cfg.schedule!r}; accepted: cosine, constant")
 
 

@@ -18,10 +18,6 @@ def as_rows(table):
     return [dict(zip(table, values)) for values in zip(*table.values())]
 
 
-def accuracy(rows, results):
-    return {a: np.mean([r[a] == j[a] for r, j in zip(rows, results)]) for a in ATTRIBUTES}
-
-
 def test_deterministic_per_seed(tmp_path):
     a, b, c = (generate(tmp_path / name, 60, seed=seed, verbose=False)
                for name, seed in [("a", 1), ("b", 1), ("c", 2)])
@@ -94,7 +90,7 @@ def test_geometry_small_objects_and_inside():
 
 def test_judge_accuracy_clean():
     rows = sample_examples(2000, seed=12345)
-    acc = accuracy(rows, shapes.judge_batch([r["image"] for r in rows]))
+    acc = shapes.judge_accuracy([r["image"] for r in rows], rows)
     assert min(acc.values()) >= 0.995, acc
 
 
@@ -103,13 +99,13 @@ def test_judge_accuracy_blur_and_noise():
     rows = sample_examples(400, seed=54321)
     noisy = [np.clip(np.asarray(r["image"].filter(ImageFilter.GaussianBlur(0.8)), np.float32)
                      + rng.normal(0, 8, (32, 32, 3)), 0, 255).astype(np.uint8) for r in rows]
-    acc = accuracy(rows, shapes.judge_batch(noisy))
+    acc = shapes.judge_accuracy(noisy, rows)
     assert min(acc.values()) >= 0.99, acc
 
 
 def test_judge_other_sizes_and_blank():
     rows = sample_examples(100, size=64, seed=6)
-    assert min(accuracy(rows, [judge(r["image"]) for r in rows]).values()) >= 0.99
+    assert min(shapes.judge_accuracy([r["image"] for r in rows], rows).values()) >= 0.99
     for blank in [Image.new("RGB", (32, 32), BACKGROUND), np.zeros((16, 16, 3), np.uint8)]:
         result = judge(blank)
         assert set(ATTRIBUTES) <= set(result) and result["found"] is False

@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 
 from mmdit import latents
 from mmdit.config import Config, ConfigError, load_config
+from mmdit.data.shapes import ATTRIBUTES, judge_accuracy
 from mmdit.data.loader import DataError, ImageCaptions, ensure_dataset, split_captions
 from mmdit.grid import save_grid, to_pil
 from mmdit.text_encoder import CaptionCache, TextEncoder, TextEncoderLoadError
@@ -111,20 +112,11 @@ def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path) -> None:
     counts = torch.bincount(val_idx.flatten().long(), minlength=cfg.vqvae.codebook_size).float()
     metrics = {"psnr": psnr(real, recon).mean().item(), **{k: v.item() for k, v in code_stats(counts).items()}}
     if cfg.data.name == "shapes":
-        metrics["judge"] = judge_accuracy(recon, val.columns)
+        truth = [dict(zip(ATTRIBUTES, values)) for values in zip(*(val.columns[a] for a in ATTRIBUTES))]
+        metrics["judge"] = judge_accuracy(to_pil(recon), truth)
     (out / "vqvae" / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info(f"vqvae: validation {json.dumps(metrics)}")
 
-
-def judge_accuracy(images: torch.Tensor, columns: dict) -> dict[str, float]:
-    """Fraction of images whose shape, colour, position and size the shapes judge reads correctly."""
-    from mmdit.data.shapes import judge
-
-    keys = ("shape", "color", "position", "size")
-    verdicts = [judge(image) for image in to_pil(images)]
-    acc = {k: sum(v[k] == t for v, t in zip(verdicts, columns[k])) / len(verdicts) for k in keys}
-    acc["all"] = sum(all(v[k] == columns[k][i] for k in keys) for i, v in enumerate(verdicts)) / len(verdicts)
-    return acc
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -332,9 +332,13 @@ def judge(image) -> dict:
                 size="large" if diameter / min(h, w) > SIZE_THRESHOLD else "small", found=True)
 
 
-def judge_batch(images) -> list[dict]:
-    """``judge`` over an iterable of images (PIL, HxWx3 arrays, or an NxHxWx3 array)."""
-    return [judge(im) for im in images]
+def judge_accuracy(images, truth: list[dict]) -> dict[str, float]:
+    """Judge every image (PIL or HxWx3 arrays); the fraction right per attribute, and with all four right."""
+    verdicts = [judge(im) for im in images]
+    right = [{a: v[a] == t[a] for a in ATTRIBUTES} for v, t in zip(verdicts, truth, strict=True)]
+    acc = {a: sum(r[a] for r in right) / len(right) for a in ATTRIBUTES}
+    acc["all"] = sum(all(r.values()) for r in right) / len(right)
+    return acc
 
 
 def main(argv=None):
