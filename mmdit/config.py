@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from mmdit.dit import DiTConfig
 from mmdit.trainer import StageConfig
 from mmdit.vqvae import VQVAEConfig
 
@@ -59,10 +60,33 @@ class VQVAETrainConfig(StageConfig):
 
 
 @dataclass
+class DiTTrainConfig(StageConfig):
+    cfg_dropout: float = 0.1  # probability of training on the empty caption (classifier-free guidance)
+    t_mean: float = 0.0  # logit-normal timestep sampling: sigmoid(N(t_mean, t_std^2))
+    t_std: float = 1.0
+    ema_decay: float = 0.999
+    # Prompts of the sample grid written every `image_every` steps.
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a large red circle in the top left", "a small blue square in the bottom right",
+        "a large green triangle in the center", "a small magenta circle at the top",
+        "a small yellow triangle on the left", "a large cyan square on the right",
+    ])
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 25
+    guidance: float = 4.0
+    sampler: str = "euler"  # "euler" | "heun"
+    seed: int = 0
+    snap_to_codes: bool = True  # snap sampled latents to the nearest VQ code before decoding
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/shapes"
     cache_dir: str = ".cache/mmdit"  # caption-embedding cache, shared across runs
-    stage: str = "all"  # "all" | "data" | "vqvae" (later stages reuse what earlier ones wrote)
+    stage: str = "all"  # "all" | "data" | "vqvae" | "dit" (later stages reuse what earlier ones wrote)
     seed: int = 0
     # "auto" = bf16 where the hardware runs it fast (GPUs, CPUs with AMX/AVX512-BF16), else fp32.
     mixed_precision: str = "auto"
@@ -74,6 +98,9 @@ class Config:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     vqvae_train: VQVAETrainConfig = field(default_factory=VQVAETrainConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    dit_train: DiTTrainConfig = field(default_factory=DiTTrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:

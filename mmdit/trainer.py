@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 log = get_logger("mmdit.train")
@@ -80,12 +81,14 @@ def lr_factor(step: int, cfg: StageConfig) -> float:
 
 
 class Checkpoints:
-    """`dir/step-00001000/` folders written by accelerate's save_state. A checkpoint is written into a
-    temporary folder and renamed into place when complete, so a kill mid-save never leaves a half one."""
+    """`dir/step-00001000/` folders written by accelerate's save_state (plus `ema.safetensors` when the
+    stage keeps an EMA model). A checkpoint is written into a temporary folder and renamed into place when
+    complete, so a kill mid-save never leaves a half one."""
 
-    def __init__(self, directory: Path, keep: int):
+    def __init__(self, directory: Path, keep: int, ema: torch.nn.Module | None = None):
         self.dir = Path(directory)
         self.keep = keep
+        self.ema = ema
 
     def all(self) -> list[Path]:
         return sorted(p for p in self.dir.glob("step-*") if (p / "step.json").is_file())
@@ -98,6 +101,8 @@ class Checkpoints:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
+            if self.ema is not None:
+                save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
             (tmp / "step.json").write_text(json.dumps({"step": step}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -110,6 +115,8 @@ class Checkpoints:
         for path in reversed(self.all()):
             try:
                 accelerator.load_state(str(path))
+                if self.ema is not None:
+                    self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
                 return json.loads((path / "step.json").read_text())["step"]
             except Exception as e:  # a damaged checkpoint must not cost the older, good ones
                 log.warning(f"checkpoint {path} failed to load ({e}); trying an older one")
@@ -125,14 +132,22 @@ def fit(
     loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]],
     out_dir: Path,
     on_image: Callable[[int], None] | None = None,
+    ema: torch.nn.Module | None = None,
+    ema_decay: float = 0.999,
 ) -> torch.nn.Module:
-    """Train `model` for `cfg.steps` steps, resuming from `out_dir/checkpoints`; returns the unwrapped model."""
+    """Train `model` for `cfg.steps` steps, resuming from `out_dir/checkpoints`; returns the unwrapped model.
+    `ema`, a copy of the model, tracks an exponential moving average of its weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    accelerator.free_memory()  # forget earlier stages' objects: a checkpoint holds this stage's alone
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints)
+    checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints, ema)
+    if ema is not None:
+        ema.requires_grad_(False)
+        ema_params = list(ema.parameters())
+        live_params = list(accelerator.unwrap_model(model).parameters())
     start = checkpoints.resume(accelerator)
     if start:
         log.info(f"{name}: resumed from step {start}")
@@ -148,6 +163,8 @@ def fit(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:  # a short warmup so early EMA weights are not mostly the random init
+            torch._foreach_lerp_(ema_params, live_params, 1 - min(ema_decay, (1 + step) / (10 + step)))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             # The only host syncs of the loop: .item() on log steps.

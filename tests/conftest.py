@@ -4,3 +4,31 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# A whole default pipeline, shrunk to run in seconds: shapes data -> captions -> VQ-VAE -> DiT -> export.
+TINY = [
+    "data.num_images=120", "data.holdout=[yellow triangle]",
+    "vqvae.channels=8", "vqvae.channel_mult=[1, 2]", "vqvae.patch_size=2", "vqvae.codebook_size=32",
+    "vqvae.code_dim=4", "vqvae_train.batch_size=8", "vqvae_train.steps=20", "vqvae_train.log_every=5",
+    "vqvae_train.image_every=10", "vqvae_train.checkpoint_every=10",
+    "dit.width=32", "dit.depth=2", "dit.heads=2", "dit_train.batch_size=8", "dit_train.steps=10",
+    "dit_train.log_every=5", "dit_train.image_every=10", "dit_train.checkpoint_every=5",
+    "dit_train.sample_prompts=[a red circle, a small blue square in the bottom right]", "sample.steps=2",
+]
+
+
+def tiny_args(root, *extra):
+    return ["--config", "configs/shapes.yaml", f"data.path={root}/data", f"train.output_dir={root}/run",
+            f"train.cache_dir={root}/cache", *TINY, *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A trained-and-exported tiny run directory, shared by the tests that only read it."""
+    from train.train import main
+
+    root = tmp_path_factory.mktemp("tiny")
+    main(tiny_args(root))
+    return root / "run"

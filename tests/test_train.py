@@ -11,6 +11,8 @@ from mmdit.trainer import Checkpoints, StageConfig, batch_indices, lr_factor, re
 from mmdit.vqvae import VQVAE
 from train.train import main
 
+from conftest import tiny_args
+
 
 def test_batch_indices_cover_each_epoch_and_split_across_ranks():
     n, bs = 20, 4
@@ -57,20 +59,8 @@ def test_checkpoints_are_atomic_and_fall_back(tmp_path):
     assert torch.all(model.weight == 2)
 
 
-TINY = [
-    "data.num_images=120", "data.holdout=[yellow triangle]", "vqvae.channels=8", "vqvae.channel_mult=[1, 2]",
-    "vqvae.patch_size=2", "vqvae.codebook_size=32", "vqvae.code_dim=4", "vqvae_train.batch_size=8",
-    "vqvae_train.log_every=5", "vqvae_train.image_every=10", "vqvae_train.checkpoint_every=10",
-]
-
-
-def _args(tmp_path, *extra):
-    return ["--config", "configs/shapes.yaml", f"data.path={tmp_path}/data", f"train.output_dir={tmp_path}/run",
-            f"train.cache_dir={tmp_path}/cache", *TINY, *extra]
-
-
 def test_default_pipeline_tiny_end_to_end_and_resume(tmp_path, caplog):
-    main(_args(tmp_path, "vqvae_train.steps=20"))
+    main(tiny_args(tmp_path, "train.stage=vqvae"))
     run = tmp_path / "run"
     assert (run / "config.yaml").is_file() and (tmp_path / "data" / "shapes.json").is_file()
     assert (run / "vqvae" / "recon-000020.png").is_file()
@@ -87,14 +77,14 @@ def test_default_pipeline_tiny_end_to_end_and_resume(tmp_path, caplog):
 
     shutil.rmtree(run / "vqvae" / "model")
     with caplog.at_level("INFO"):
-        main(_args(tmp_path, "vqvae_train.steps=30"))  # a longer run picks up where the last one stopped
+        main(tiny_args(tmp_path, "train.stage=vqvae", "vqvae_train.steps=30"))  # picks up where it stopped
     assert "resumed from step 20" in caplog.text
     assert (run / "vqvae" / "checkpoints" / "step-00000030").is_dir()
     assert (run / "vqvae" / "model" / "model.safetensors").is_file()
 
 
 def test_bad_stage_and_indivisible_resolution(tmp_path):
-    with pytest.raises(ConfigError, match="accepted: all, data, vqvae"):
-        main(_args(tmp_path, "train.stage=dit"))
+    with pytest.raises(ConfigError, match="accepted: all, data, vqvae, dit"):
+        main(tiny_args(tmp_path, "train.stage=everything"))
     with pytest.raises(ConfigError, match="not divisible by the VQ-VAE downsampling factor 4"):
-        main(_args(tmp_path, "train.stage=vqvae", "data.resolution=30"))
+        main(tiny_args(tmp_path, "train.stage=vqvae", "data.resolution=30"))

@@ -3,13 +3,17 @@
 With no arguments it runs the embedded default (configs/shapes.yaml), fully offline:
   1. data:   generate the synthetic shapes dataset if it is missing;
   2. text:   encode every distinct caption once with the frozen text encoder into the caption cache;
-  3. vqvae:  train the VQ-VAE tokenizer, export it, encode every image once into the latent cache.
-`train.stage` runs one stage alone (data | vqvae); a later stage reuses what earlier ones wrote.
+  3. vqvae:  train the VQ-VAE tokenizer, export it, encode every image once into the latent cache;
+  4. dit:    train the diffusion transformer on cached latents + cached caption embeddings, export the
+             whole pipeline (loadable with TextToImagePipeline.from_pretrained) and write a sample grid.
+`train.stage` runs one stage alone (data | vqvae | dit); a later stage reuses what earlier ones wrote.
 Everything a run writes goes under `train.output_dir` (the resolved config first).
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import logging
 import sys
@@ -24,8 +28,11 @@ from accelerate.utils import set_seed
 from mmdit import latents
 from mmdit.config import Config, ConfigError, load_config
 from mmdit.data.shapes import ATTRIBUTES, judge_accuracy
-from mmdit.data.loader import DataError, ImageCaptions, ensure_dataset, split_captions
+from mmdit.data.loader import DataError, ImageCaptions, ensure_dataset, pick_caption, split_captions
+from mmdit.dit import DiT
+from mmdit.flow import flow_loss, sample_t
 from mmdit.grid import save_grid, to_pil
+from mmdit.pipeline import PipelineInfo, TextToImagePipeline
 from mmdit.text_encoder import CaptionCache, TextEncoder, TextEncoderLoadError
 from mmdit.trainer import batch_indices, fit, resolve_mixed_precision
 from mmdit.vqvae import VQVAE, code_stats, psnr
@@ -42,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cache_captions(cfg, accelerator: Accelerator) -> CaptionCache:
-    """Encode every caption of both splits once; later stages only read the cache."""
+    """Encode every caption of both splits (and the empty and sample prompts) once; later stages only read
+    the cache. Captions already cached, by this run or an earlier one, are not encoded again."""
     encoder = TextEncoder(cfg.text_encoder.name, max_length=cfg.text_encoder.max_length,
                           trust_remote_code=cfg.text_encoder.trust_remote_code)
     cache = CaptionCache(encoder, Path(cfg.train.cache_dir) / "captions")
@@ -53,8 +61,9 @@ def cache_captions(cfg, accelerator: Accelerator) -> CaptionCache:
             cache.encode_all(captions)
             log.info(f"captions: {split}: {len(captions)} distinct, {len(cache) - before} newly encoded, "
                      f"cache {cache.dir}")
+        cache.encode_all(["", *cfg.dit_train.sample_prompts])
     accelerator.wait_for_everyone()
-    return cache
+    return cache if accelerator.is_main_process else CaptionCache(encoder, cache.dir)
 
 
 def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path) -> None:
@@ -119,11 +128,70 @@ def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path) -> None:
 
 
 
+def train_dit(cfg: Config, accelerator: Accelerator, out: Path, cache: CaptionCache) -> None:
+    """Stage 2: rectified flow on cached, normalised VQ latents, conditioned on cached caption embeddings."""
+    tcfg = cfg.dit_train
+    vqvae = VQVAE.from_pretrained(out / "vqvae" / "model").to(accelerator.device)
+    indices, meta = latents.load_split(out / "latents", cfg.data.train_split)
+    stats = json.loads((out / "latents" / "stats.json").read_text())
+    mean, std = (torch.tensor(stats[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        x_all = ((vqvae.quantizer.embed(indices.long()).cpu() - mean) / std).to(accelerator.device)  # (N, d, h, w)
+    hidden, mask, pooled = (t.to(accelerator.device) for t in (cache.hidden, cache.mask, cache.pooled))
+    null_row = int(cache.rows([""])[0])
+    candidates = meta["captions"]
+
+    def get_batch(step: int) -> dict:
+        # Every random draw of a step comes from (seed, step, rank): a resumed run replays it exactly.
+        rank = accelerator.process_index
+        rows = batch_indices(step, len(x_all), tcfg.batch_size, cfg.train.seed, rank, accelerator.num_processes)
+        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + rank)
+        text_rows = cache.rows([pick_caption(candidates[i], cfg.train.seed, step, i) for i in rows.tolist()])
+        text_rows[torch.rand(len(rows), generator=g) < tcfg.cfg_dropout] = null_row
+        text_rows = text_rows.to(accelerator.device)
+        x0 = x_all[rows.to(accelerator.device)]
+        return {"x0": x0, "t": sample_t(len(rows), tcfg.t_mean, tcfg.t_std, generator=g).to(x0.device),
+                "noise": torch.randn(x0.shape, generator=g).to(x0.device),
+                "hidden": hidden[text_rows].float(), "mask": mask[text_rows], "pooled": pooled[text_rows].float()}
+
+    def loss_fn(model, b: dict):
+        per_sample = flow_loss(lambda x, t: model(x, t, b["hidden"], b["mask"], b["pooled"]), b["x0"], b["t"], b["noise"])
+        # Loss per quarter of t: which noise levels the model has learned.
+        bins = (b["t"] * 4).long().clamp(max=3)
+        sums = torch.zeros(4, device=bins.device).index_add_(0, bins, per_sample.detach())
+        per_bin = sums / torch.bincount(bins, minlength=4).clamp(min=1)
+        return per_sample.mean(), {f"loss_t{i}": per_bin[i] for i in range(4)}
+
+    dit_cfg = dataclasses.replace(cfg.dit, in_channels=x_all.shape[1], input_size=x_all.shape[-1],
+                                  text_dim=hidden.shape[-1])
+    dit = DiT(dit_cfg)
+    ema = copy.deepcopy(dit).to(accelerator.device).eval()
+    info = PipelineInfo(cfg.text_encoder.name, cfg.text_encoder.max_length, stats["mean"], stats["std"],
+                        cfg.sample.snap_to_codes)
+    prompts = tcfg.sample_prompts
+
+    def on_image(step: int, path: Path | None = None) -> None:
+        pipe = TextToImagePipeline(ema, vqvae, info)
+        per_prompt = 6
+        images = to_pil(pipe.generate(cache.get([p for p in prompts for _ in range(per_prompt)]), cache.get([""]),
+                                      cfg.sample.steps, cfg.sample.guidance, cfg.sample.seed, cfg.sample.sampler))
+        rows = [images[i * per_prompt:(i + 1) * per_prompt] for i in range(len(prompts))]
+        save_grid(rows, path or out / "dit" / f"samples-{step:06d}.png", scale=2, labels=prompts)
+
+    log.info(f"dit: {dit_cfg.mode}, {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters, "
+             f"{len(x_all)} latents of {tuple(x_all.shape[1:])}, {tcfg.steps} steps of {tcfg.batch_size}")
+    fit(accelerator, "dit", dit, tcfg, get_batch, loss_fn, out / "dit", on_image, ema=ema, ema_decay=tcfg.ema_decay)
+    if accelerator.is_main_process:
+        TextToImagePipeline(ema, vqvae.cpu(), info).save_pretrained(out)
+        on_image(tcfg.steps, out / "samples.png")
+        log.info(f"dit: exported the pipeline to {out}; samples in {out / 'samples.png'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    if cfg.train.stage not in ("all", "data", "vqvae"):
-        raise ConfigError(f"train.stage={cfg.train.stage!r}; accepted: all, data, vqvae")
+    if cfg.train.stage not in ("all", "data", "vqvae", "dit"):
+        raise ConfigError(f"train.stage={cfg.train.stage!r}; accepted: all, data, vqvae, dit")
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
                               log_with="tensorboard", project_dir=cfg.train.output_dir)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
@@ -136,10 +204,12 @@ def main(argv: list[str] | None = None) -> None:
         ensure_dataset(cfg.data)
     accelerator.wait_for_everyone()
     accelerator.init_trackers("tensorboard")
-    if cfg.train.stage in ("all", "data"):
-        cache_captions(cfg, accelerator)
+    cache = cache_captions(cfg, accelerator)
     if cfg.train.stage in ("all", "vqvae"):
         train_vqvae(cfg, accelerator, out)
+    accelerator.wait_for_everyone()
+    if cfg.train.stage in ("all", "dit"):
+        train_dit(cfg, accelerator, out, cache)
     accelerator.end_training()
     log.info(f"done: run directory {out}")
 

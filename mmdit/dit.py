@@ -1,0 +1,356 @@
+"""Diffusion transformer over VQ-VAE latents, conditioned on frozen text-encoder states.
+
+    model = DiT(DiTConfig(mode="joint"))
+    v = model(x, t, text, text_mask, pooled)  # the rectified-flow velocity, shaped like x
+
+One file, modelled on facebookresearch/DiT's models.py, with two ways of reading the caption:
+- "cross" (PixArt-alpha): image tokens self-attend, then cross-attend to the text tokens, with
+  adaLN-Zero on self-attention and MLP only (PixArt leaves cross-attention unmodulated);
+- "joint" (MMDiT, SD3): text and image tokens keep separate weights but attend over the
+  concatenated sequence [text; image]; the last block skips the text side's output (context_pre_only).
+In both, adaLN is driven by c = timestep embedding + pooled-text embedding, every residual branch but
+cross-attention starts gated shut, and the final layer starts at zero, so a new model outputs exactly 0.
+Text padding (text_mask False) is masked out of every attention, so padding never changes the output.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 8  # VQ-VAE latent channels d
+    input_size: int = 8  # latent grid side (h = w)
+    patch_size: int = 1
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 384  # text encoder hidden size
+    mode: str = "cross"  # "cross" (PixArt-alpha) | "joint" (MMDiT / SD3)
+    qk_norm: bool = True  # RMSNorm on q and k, per head
+    pos_embed: str = "sincos"  # "sincos" (2D sin-cos, fixed) | "rope" (2D rotary on image tokens only)
+    grad_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.mode not in ("cross", "joint"):
+            raise ValueError(f"dit.mode={self.mode!r}; accepted: cross, joint")
+        if self.pos_embed not in ("sincos", "rope"):
+            raise ValueError(f"dit.pos_embed={self.pos_embed!r}; accepted: sincos, rope")
+        if self.heads < 1 or self.width % self.heads:
+            raise ValueError(f"dit.width={self.width} is not divisible by dit.heads={self.heads}; "
+                             "accepted: a width that is a multiple of heads")
+        # 2D sin-cos spends width/2 channels per axis on (sin, cos) pairs; 2D RoPE head_dim/2 per axis on rotated pairs.
+        if self.pos_embed == "sincos" and self.width % 4:
+            raise ValueError(f"dit.width={self.width}: 2D sin-cos needs a multiple of 4; accepted: multiples of 4")
+        if self.pos_embed == "rope" and (self.width // self.heads) % 4:
+            raise ValueError(f"dit.width={self.width}, dit.heads={self.heads}: 2D RoPE needs a head size "
+                             "(width / heads) that is a multiple of 4; accepted: such width and heads")
+        if self.patch_size < 1 or self.input_size % self.patch_size:
+            raise ValueError(f"dit.input_size={self.input_size} is not divisible by dit.patch_size={self.patch_size}; "
+                             "accepted: a patch_size that divides input_size")
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+def mlp(d_in: int, d_hidden: int, d_out: int, act: nn.Module) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), act, nn.Linear(d_hidden, d_out))
+
+
+def layer_norm(width: int) -> nn.LayerNorm:
+    # No affine: wherever it matters, adaLN supplies the scale and shift (the others feed a Linear that absorbs them).
+    return nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift  # x (B, N, W); shift, scale (B, 1, W)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) float -> (B, dim). t in [0, 1] is scaled by 1000 so the frequencies span it as in DiT's integer steps."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    args = 1000 * t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def grid_positions(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of each token, row-major like the patchified sequence: two (size * size,) tensors."""
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return rows.flatten().double(), cols.flatten().double()
+
+
+def sincos_2d(width: int, size: int) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding (MAE / DiT): half the channels encode the row, half the column."""
+    def axis(pos):  # (N,) -> (N, width / 2)
+        omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+        angles = pos[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+    rows, cols = grid_positions(size)
+    return torch.cat([axis(rows), axis(cols)], dim=1).float()  # (N, width)
+
+
+def rope_2d(head_dim: int, size: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (N, head_dim) for 2D RoPE: half of each head rotates with the row, half with the column.
+
+    Laid out for the rotate-half convention: channel i and channel i + head_dim/2 form one rotated pair.
+    """
+    freqs = 1.0 / theta ** (torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
+    rows, cols = grid_positions(size)
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (N, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    cos, sin = rope  # x (B, heads, N, head_dim); cos, sin (N, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def split_heads(x: torch.Tensor, n: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """(B, S, n * W) -> n tensors (B, heads, S, W / heads): views, no copy (SDPA takes the strides as they are)."""
+    b, s, _ = x.shape
+    return x.view(b, s, n, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def attention(q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, heads, Lq, hd), k/v (B, heads, Lk, hd), mask (B, 1, 1, Lk) bool, True = attend -> (B, Lq, heads * hd)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+
+
+def qk_norm(head_dim: int, enabled: bool) -> nn.Module:
+    return nn.RMSNorm(head_dim, eps=1e-6) if enabled else nn.Identity()
+
+
+class AdaLN(nn.Module):
+    """c (B, W) -> n modulation vectors (B, 1, W) each (shift, scale, gate, ...). Zero-initialised (adaLN-Zero)."""
+
+    def __init__(self, width: int, n: int):
+        super().__init__()
+        self.n = n
+        self.linear = nn.Linear(width, n * width)
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(c))[:, None].chunk(self.n, dim=-1)
+
+
+# --- blocks ----------------------------------------------------------------------------------------------
+
+class Stream(nn.Module):
+    """One modality's weights in a block: adaLN, norm + fused QKV (+ QK-norm), output projection, MLP.
+
+    The image side of both block types, and the text side of a joint block. `pre_only` (the text side of the
+    last joint block) keeps just what produces its keys and values, since nothing reads its output.
+    """
+
+    def __init__(self, cfg: DiTConfig, pre_only: bool = False):
+        super().__init__()
+        w = cfg.width
+        self.heads = cfg.heads
+        self.adaLN = AdaLN(w, 2 if pre_only else 6)
+        self.norm1 = layer_norm(w)
+        self.qkv = nn.Linear(w, 3 * w)
+        self.q_norm, self.k_norm = qk_norm(w // cfg.heads, cfg.qk_norm), qk_norm(w // cfg.heads, cfg.qk_norm)
+        if not pre_only:
+            self.proj = nn.Linear(w, w)
+            self.norm2 = layer_norm(w)
+            self.mlp = mlp(w, int(w * cfg.mlp_ratio), w, nn.GELU(approximate="tanh"))
+
+    def qkv_heads(self, x, c, rope=None):
+        """-> (q, k, v) each (B, heads, S, head_dim), and the modulation vectors for the rest of the block."""
+        mod = self.adaLN(c)
+        q, k, v = split_heads(self.qkv(modulate(self.norm1(x), mod[0], mod[1])), 3, self.heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return (q, k, v), mod
+
+    def attn_residual(self, x, attn_out, mod):
+        return x + mod[2] * self.proj(attn_out)
+
+    def mlp_residual(self, x, mod):
+        return x + mod[5] * self.mlp(modulate(self.norm2(x), mod[3], mod[4]))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens (queries) read the text tokens (keys, values); padding keys are masked."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        w = cfg.width
+        self.heads = cfg.heads
+        self.norm = layer_norm(w)  # PixArt feeds the raw residual stream; a pre-norm keeps q in range without qk_norm
+        self.q = nn.Linear(w, w)
+        self.kv = nn.Linear(w, 2 * w)
+        self.q_norm, self.k_norm = qk_norm(w // cfg.heads, cfg.qk_norm), qk_norm(w // cfg.heads, cfg.qk_norm)
+        self.proj = nn.Linear(w, w)
+
+    def forward(self, x, text, mask):
+        (q,) = split_heads(self.q(self.norm(x)), 1, self.heads)
+        k, v = split_heads(self.kv(text), 2, self.heads)
+        return self.proj(attention(self.q_norm(q), self.k_norm(k), v, mask))
+
+
+class CrossBlock(nn.Module):
+    """PixArt-alpha: modulated self-attention, unmodulated cross-attention to the text, modulated MLP."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.img = Stream(cfg)
+        self.cross_attn = CrossAttention(cfg)
+
+    def forward(self, img, text, c, mask, rope):
+        qkv, mod = self.img.qkv_heads(img, c, rope)
+        img = self.img.attn_residual(img, attention(*qkv), mod)
+        img = img + self.cross_attn(img, text, mask)
+        return self.img.mlp_residual(img, mod), text
+
+
+class JointBlock(nn.Module):
+    """MMDiT (SD3): separate weights per modality, one attention over [text; image] (text padding masked)."""
+
+    def __init__(self, cfg: DiTConfig, last: bool = False):
+        super().__init__()
+        self.txt = Stream(cfg, pre_only=last)
+        self.img = Stream(cfg)
+        self.last = last
+
+    def forward(self, img, text, c, mask, rope):
+        # RoPE on image tokens only: text tokens carry the encoder's own positions, as if all at position 0.
+        (qi, ki, vi), mod_i = self.img.qkv_heads(img, c, rope)
+        (qt, kt, vt), mod_t = self.txt.qkv_heads(text, c)
+        out = attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), mask)
+        out_t, out_i = out.split([text.shape[1], img.shape[1]], dim=1)
+        img = self.img.mlp_residual(self.img.attn_residual(img, out_i, mod_i), mod_i)
+        if not self.last:
+            text = self.txt.mlp_residual(self.txt.attn_residual(text, out_t, mod_t), mod_t)
+        return img, text
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + Linear to the patch pixels, zero-initialised so a new model predicts 0."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = layer_norm(cfg.width)
+        self.adaLN = AdaLN(cfg.width, 2)
+        self.linear = nn.Linear(cfg.width, cfg.patch_size ** 2 * cfg.in_channels)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN(c)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# --- model -----------------------------------------------------------------------------------------------
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        w, p, grid = cfg.width, cfg.patch_size, cfg.input_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(cfg.in_channels, w, kernel_size=p, stride=p)
+        self.t_embed = mlp(256, w, w, nn.SiLU())
+        self.pooled_embed = mlp(cfg.text_dim, w, w, nn.SiLU())
+        self.text_embed = mlp(cfg.text_dim, w, w, nn.GELU(approximate="tanh"))  # PixArt's caption projection
+        if cfg.mode == "cross":
+            self.blocks = nn.ModuleList(CrossBlock(cfg) for _ in range(cfg.depth))
+        else:
+            self.blocks = nn.ModuleList(JointBlock(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth))
+        self.final = FinalLayer(cfg)
+        # Derived from the config, so not saved with the weights.
+        if cfg.pos_embed == "sincos":
+            self.register_buffer("pos", sincos_2d(w, grid)[None], persistent=False)  # (1, N, W)
+        else:
+            cos, sin = rope_2d(w // cfg.heads, grid)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (N, head_dim)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        # As DiT: xavier-uniform Linears (the patch conv as the Linear it is), zero biases, N(0, 0.02) for the
+        # conditioning embedders (DiT's t_embedder, PixArt's caption projection), then zero every adaLN and the
+        # final Linear, so each block starts as the identity and the model's output as 0.
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+                nn.init.zeros_(m.bias)
+        for embed in (self.t_embed, self.pooled_embed, self.text_embed):
+            for layer in (embed[0], embed[2]):
+                nn.init.normal_(layer.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, AdaLN):
+                nn.init.zeros_(m.linear.weight)
+                nn.init.zeros_(m.linear.bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def forward(self, x, t, text, text_mask, pooled) -> torch.Tensor:
+        """x (B, C, H, W) noisy latents, t (B,) in [0, 1], text (B, L, text_dim), text_mask (B, L) bool
+        (True = real token), pooled (B, text_dim) -> velocity (B, C, H, W)."""
+        cfg = self.cfg
+        b, _, h, w = x.shape
+        if (h, w) != (cfg.input_size, cfg.input_size):
+            raise ValueError(f"DiT built for {cfg.input_size}x{cfg.input_size} latents, got {h}x{w}")
+        img = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, W)
+        rope = None
+        if cfg.pos_embed == "sincos":
+            img = img + self.pos
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        c = self.t_embed(timestep_embedding(t)) + self.pooled_embed(pooled)  # (B, W)
+        text = self.text_embed(text)  # (B, L, W)
+
+        if cfg.mode == "cross":
+            # A caption of nothing but padding (impossible with real tokenizers, which emit CLS/EOS) would leave
+            # every key masked and softmax rows of NaN on some SDPA backends: such a caption attends to all its tokens.
+            mask = text_mask | ~text_mask.any(dim=1, keepdim=True)
+        else:  # keys are [text; image]: image keys are never masked, so no row is ever empty
+            mask = torch.cat([text_mask, text_mask.new_ones(b, img.shape[1])], dim=1)
+        mask = mask[:, None, None, :]  # (B, 1, 1, Lk)
+
+        for block in self.blocks:
+            if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                img, text = checkpoint(block, img, text, c, mask, rope, use_reentrant=False)
+            else:
+                img, text = block(img, text, c, mask, rope)
+        return self.unpatchify(self.final(img, c))
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p * p * C) -> (B, C, H, W)."""
+        p, ch, g = self.cfg.patch_size, self.cfg.in_channels, self.cfg.input_size // self.cfg.patch_size
+        x = x.view(x.shape[0], g, g, p, p, ch)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], ch, g * p, g * p)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "DiT":
+        directory = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"no DiT in {directory}: {name} is missing (expected config.json and model.safetensors)")
+        model = cls(DiTConfig(**json.loads((directory / "config.json").read_text())))
+        state, expected = load_file(str(directory / "model.safetensors")), model.state_dict()
+        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        if missing or unexpected:
+            raise ValueError(f"{directory / 'model.safetensors'} does not match its config.json: "
+                             f"missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+        for name, tensor in expected.items():
+            if state[name].shape != tensor.shape:
+                raise ValueError(f"{directory / 'model.safetensors'} does not match its config.json: tensor {name} "
+                                 f"has shape {tuple(state[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the model")
+        model.load_state_dict(state)
+        return model.eval()
