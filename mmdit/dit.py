@@ -7,7 +7,8 @@ One file, modelled on facebookresearch/DiT's models.py, with two ways of reading
 - "cross" (PixArt-alpha): image tokens self-attend, then cross-attend to the text tokens, with
   adaLN-Zero on self-attention and MLP only (PixArt leaves cross-attention unmodulated);
 - "joint" (MMDiT, SD3): text and image tokens keep separate weights but attend over the
-  concatenated sequence [text; image]; the last block skips the text side's output (context_pre_only).
+  concatenated sequence [text; image]; in the last block text only gives keys and values (SD3's
+  context_pre_only, and no text queries either), so no parameter goes without a gradient.
 In both, adaLN is driven by c = timestep embedding + pooled-text embedding, every residual branch but
 cross-attention starts gated shut, and the final layer starts at zero, so a new model outputs exactly 0.
 Text padding (text_mask False) is masked out of every attention, so padding never changes the output.
@@ -20,9 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
@@ -49,15 +50,15 @@ class DiTConfig:
         if self.heads < 1 or self.width % self.heads:
             raise ValueError(f"dit.width={self.width} is not divisible by dit.heads={self.heads}; "
                              "accepted: a width that is a multiple of heads")
-        # 2D sin-cos spends width/2 channels per axis on (sin, cos) pairs; 2D RoPE head_dim/2 per axis on rotated pairs.
+        # Both split channels evenly between the two axes, in pairs: sin-cos over width, RoPE over each head.
         if self.pos_embed == "sincos" and self.width % 4:
             raise ValueError(f"dit.width={self.width}: 2D sin-cos needs a multiple of 4; accepted: multiples of 4")
         if self.pos_embed == "rope" and (self.width // self.heads) % 4:
             raise ValueError(f"dit.width={self.width}, dit.heads={self.heads}: 2D RoPE needs a head size "
                              "(width / heads) that is a multiple of 4; accepted: such width and heads")
         if self.patch_size < 1 or self.input_size % self.patch_size:
-            raise ValueError(f"dit.input_size={self.input_size} is not divisible by dit.patch_size={self.patch_size}; "
-                             "accepted: a patch_size that divides input_size")
+            raise ValueError(f"dit.input_size={self.input_size} is not divisible by "
+                             f"dit.patch_size={self.patch_size}; accepted: a patch_size that divides input_size")
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ def mlp(d_in: int, d_hidden: int, d_out: int, act: nn.Module) -> nn.Sequential:
 
 
 def layer_norm(width: int) -> nn.LayerNorm:
-    # No affine: wherever it matters, adaLN supplies the scale and shift (the others feed a Linear that absorbs them).
+    # No affine: adaLN supplies scale and shift, or a Linear follows that would absorb them.
     return nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
 
 
@@ -76,42 +77,35 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """(B,) float -> (B, dim). t in [0, 1] is scaled by 1000 so the frequencies span it as in DiT's integer steps."""
+    """(B,) float -> (B, dim). t in [0, 1] is scaled by 1000: the frequencies were made for DiT's 1000 steps."""
     freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     args = 1000 * t.float()[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
-def grid_positions(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column of each token, row-major like the patchified sequence: two (size * size,) tensors."""
+def grid_angles(dim: int, size: int, theta: float = 10000.0) -> torch.Tensor:
+    """(N, dim) position angles for the row-major size x size grid: the first dim/2 channels follow the token's
+    row, the rest its column, each at dim/2 geometric frequencies."""
+    freqs = 1.0 / theta ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
     rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    return rows.flatten().double(), cols.flatten().double()
+    return torch.cat([rows.flatten()[:, None] * freqs, cols.flatten()[:, None] * freqs], dim=1)
 
 
 def sincos_2d(width: int, size: int) -> torch.Tensor:
-    """Fixed 2D sin-cos position embedding (MAE / DiT): half the channels encode the row, half the column."""
-    def axis(pos):  # (N,) -> (N, width / 2)
-        omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
-        angles = pos[:, None] * omega[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-    rows, cols = grid_positions(size)
-    return torch.cat([axis(rows), axis(cols)], dim=1).float()  # (N, width)
+    """(N, width) fixed 2D sin-cos embedding (MAE / DiT, up to a fixed permutation of channels)."""
+    angles = grid_angles(width // 2, size)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
-def rope_2d(head_dim: int, size: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (N, head_dim) for 2D RoPE: half of each head rotates with the row, half with the column.
-
-    Laid out for the rotate-half convention: channel i and channel i + head_dim/2 form one rotated pair.
-    """
-    freqs = 1.0 / theta ** (torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
-    rows, cols = grid_positions(size)
-    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (N, head_dim / 2)
-    angles = torch.cat([angles, angles], dim=1)
-    return angles.cos().float(), angles.sin().float()
+def rope_2d(head_dim: int, size: int) -> torch.Tensor:
+    """(2, N, head_dim) cos and sin for 2D RoPE: half of each head rotates with the row, half with the column.
+    Rotate-half layout: channels i and i + head_dim/2 form one rotated pair, so they share an angle."""
+    angles = grid_angles(head_dim // 2, size).repeat(1, 2)
+    return torch.stack([angles.cos(), angles.sin()]).float()
 
 
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    cos, sin = rope  # x (B, heads, N, head_dim); cos, sin (N, head_dim)
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    cos, sin = rope  # x (B, heads, N, head_dim); rope (2, N, head_dim)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -123,7 +117,7 @@ def split_heads(x: torch.Tensor, n: int, heads: int) -> tuple[torch.Tensor, ...]
 
 
 def attention(q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q (B, heads, Lq, hd), k/v (B, heads, Lk, hd), mask (B, 1, 1, Lk) bool, True = attend -> (B, Lq, heads * hd)."""
+    """q (B, heads, Lq, hd), k/v (B, heads, Lk, hd), mask (B, 1, 1, Lk) bool (True = attend) -> (B, Lq, W)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
 
 
@@ -156,20 +150,22 @@ class Stream(nn.Module):
         super().__init__()
         w = cfg.width
         self.heads = cfg.heads
+        self.n = 2 if pre_only else 3  # a pre_only stream is never queried: keys and values only
         self.adaLN = AdaLN(w, 2 if pre_only else 6)
         self.norm1 = layer_norm(w)
-        self.qkv = nn.Linear(w, 3 * w)
-        self.q_norm, self.k_norm = qk_norm(w // cfg.heads, cfg.qk_norm), qk_norm(w // cfg.heads, cfg.qk_norm)
+        self.qkv = nn.Linear(w, self.n * w)
+        self.k_norm = qk_norm(w // cfg.heads, cfg.qk_norm)
         if not pre_only:
+            self.q_norm = qk_norm(w // cfg.heads, cfg.qk_norm)
             self.proj = nn.Linear(w, w)
             self.norm2 = layer_norm(w)
             self.mlp = mlp(w, int(w * cfg.mlp_ratio), w, nn.GELU(approximate="tanh"))
 
     def qkv_heads(self, x, c, rope=None):
-        """-> (q, k, v) each (B, heads, S, head_dim), and the modulation vectors for the rest of the block."""
+        """-> (q, k, v) each (B, heads, S, head_dim) (q None when pre_only), and the modulation vectors."""
         mod = self.adaLN(c)
-        q, k, v = split_heads(self.qkv(modulate(self.norm1(x), mod[0], mod[1])), 3, self.heads)
-        q, k = self.q_norm(q), self.k_norm(k)
+        *q, k, v = split_heads(self.qkv(modulate(self.norm1(x), mod[0], mod[1])), self.n, self.heads)
+        q, k = (self.q_norm(q[0]) if q else None), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         return (q, k, v), mod
@@ -188,7 +184,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         w = cfg.width
         self.heads = cfg.heads
-        self.norm = layer_norm(w)  # PixArt feeds the raw residual stream; a pre-norm keeps q in range without qk_norm
+        self.norm = layer_norm(w)  # not in PixArt (raw residual stream): keeps q in range without qk_norm
         self.q = nn.Linear(w, w)
         self.kv = nn.Linear(w, 2 * w)
         self.q_norm, self.k_norm = qk_norm(w // cfg.heads, cfg.qk_norm), qk_norm(w // cfg.heads, cfg.qk_norm)
@@ -228,12 +224,14 @@ class JointBlock(nn.Module):
         # RoPE on image tokens only: text tokens carry the encoder's own positions, as if all at position 0.
         (qi, ki, vi), mod_i = self.img.qkv_heads(img, c, rope)
         (qt, kt, vt), mod_t = self.txt.qkv_heads(text, c)
-        out = attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), mask)
-        out_t, out_i = out.split([text.shape[1], img.shape[1]], dim=1)
-        img = self.img.mlp_residual(self.img.attn_residual(img, out_i, mod_i), mod_i)
-        if not self.last:
+        k, v = torch.cat([kt, ki], dim=2), torch.cat([vt, vi], dim=2)  # (B, heads, L + N, head_dim)
+        if self.last:  # nothing reads the text stream after this block, so only image tokens query
+            out_i = attention(qi, k, v, mask)
+        else:
+            out = attention(torch.cat([qt, qi], dim=2), k, v, mask)  # (B, L + N, W)
+            out_t, out_i = out.split([text.shape[1], img.shape[1]], dim=1)
             text = self.txt.mlp_residual(self.txt.attn_residual(text, out_t, mod_t), mod_t)
-        return img, text
+        return self.img.mlp_residual(self.img.attn_residual(img, out_i, mod_i), mod_i), text
 
 
 class FinalLayer(nn.Module):
@@ -270,9 +268,7 @@ class DiT(nn.Module):
         if cfg.pos_embed == "sincos":
             self.register_buffer("pos", sincos_2d(w, grid)[None], persistent=False)  # (1, N, W)
         else:
-            cos, sin = rope_2d(w // cfg.heads, grid)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (N, head_dim)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope", rope_2d(w // cfg.heads, grid), persistent=False)  # (2, N, head_dim)
         self.init_weights()
 
     def init_weights(self):
@@ -301,17 +297,15 @@ class DiT(nn.Module):
         if (h, w) != (cfg.input_size, cfg.input_size):
             raise ValueError(f"DiT built for {cfg.input_size}x{cfg.input_size} latents, got {h}x{w}")
         img = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, W)
-        rope = None
         if cfg.pos_embed == "sincos":
             img = img + self.pos
-        else:
-            rope = (self.rope_cos, self.rope_sin)
+        rope = self.rope if cfg.pos_embed == "rope" else None
         c = self.t_embed(timestep_embedding(t)) + self.pooled_embed(pooled)  # (B, W)
         text = self.text_embed(text)  # (B, L, W)
 
         if cfg.mode == "cross":
-            # A caption of nothing but padding (impossible with real tokenizers, which emit CLS/EOS) would leave
-            # every key masked and softmax rows of NaN on some SDPA backends: such a caption attends to all its tokens.
+            # A caption of nothing but padding (impossible with real tokenizers, which emit CLS/EOS) would mask
+            # every key, which gives NaN rows on some SDPA backends: such a caption attends to all its tokens.
             mask = text_mask | ~text_mask.any(dim=1, keepdim=True)
         else:  # keys are [text; image]: image keys are never masked, so no row is ever empty
             mask = torch.cat([text_mask, text_mask.new_ones(b, img.shape[1])], dim=1)
@@ -337,20 +331,22 @@ class DiT(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "DiT":
+    def from_pretrained(cls, directory: str | Path) -> DiT:
         directory = Path(directory)
         for name in ("config.json", "model.safetensors"):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"no DiT in {directory}: {name} is missing (expected config.json and model.safetensors)")
+                raise FileNotFoundError(f"no DiT in {directory}: {name} is missing "
+                                        "(expected config.json and model.safetensors)")
         model = cls(DiTConfig(**json.loads((directory / "config.json").read_text())))
-        state, expected = load_file(str(directory / "model.safetensors")), model.state_dict()
+        weights = directory / "model.safetensors"
+        state, expected = load_file(str(weights)), model.state_dict()
         missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
         if missing or unexpected:
-            raise ValueError(f"{directory / 'model.safetensors'} does not match its config.json: "
-                             f"missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+            raise ValueError(f"{weights} does not match its config.json: missing tensors {missing[:5]}, "
+                             f"unexpected tensors {unexpected[:5]}")
         for name, tensor in expected.items():
             if state[name].shape != tensor.shape:
-                raise ValueError(f"{directory / 'model.safetensors'} does not match its config.json: tensor {name} "
-                                 f"has shape {tuple(state[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the model")
+                raise ValueError(f"{weights} does not match its config.json: tensor {name} has shape "
+                                 f"{tuple(state[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the model")
         model.load_state_dict(state)
         return model.eval()

@@ -15,7 +15,9 @@ def test_defaults_and_yaml(tmp_path):
 
 def test_overrides_are_typed():
     cfg = load_config(None, ["data.resolution=48", "data.streaming=true", "text_encoder.name=t5-small",
-                             "data.holdout=[large cyan, red]", "text_encoder.name=null", "data.path=123"])
+                             "data.holdout=[large cyan, red]", "text_encoder.name=null", "data.path=123",
+                             "dit_train.lr=1e-3"])
+    assert cfg.dit_train.lr == 0.001
     assert cfg.data.resolution == 48 and cfg.data.streaming is True
     assert cfg.data.holdout == ["large cyan", "red"]
     assert cfg.text_encoder.name is None
