@@ -90,6 +90,9 @@ class TrainConfig:
     seed: int = 0
     # "auto" = bf16 where the hardware runs it fast (GPUs, CPUs with AMX/AVX512-BF16), else fp32.
     mixed_precision: str = "auto"
+    # Intra-op threads per process on CPU; 0 = this machine's cores shared among the local processes.
+    # (`accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core CPU.)
+    cpu_threads: int = 0
 
 
 @dataclass

@@ -15,16 +15,16 @@ Text padding (text_mask False) is masked out of every attention, so padding neve
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from mmdit import weights
 
 
 @dataclass
@@ -325,28 +325,8 @@ class DiT(nn.Module):
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], ch, g * p, g * p)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
+        weights.save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> DiT:
-        directory = Path(directory)
-        for name in ("config.json", "model.safetensors"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"no DiT in {directory}: {name} is missing "
-                                        "(expected config.json and model.safetensors)")
-        model = cls(DiTConfig(**json.loads((directory / "config.json").read_text())))
-        weights = directory / "model.safetensors"
-        state, expected = load_file(str(weights)), model.state_dict()
-        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-        if missing or unexpected:
-            raise ValueError(f"{weights} does not match its config.json: missing tensors {missing[:5]}, "
-                             f"unexpected tensors {unexpected[:5]}")
-        for name, tensor in expected.items():
-            if state[name].shape != tensor.shape:
-                raise ValueError(f"{weights} does not match its config.json: tensor {name} has shape "
-                                 f"{tuple(state[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the model")
-        model.load_state_dict(state)
-        return model.eval()
+        return weights.from_pretrained(cls, DiTConfig, directory)

@@ -17,7 +17,8 @@ def save_grid(rows: list[list[Image.Image]], path: str | Path, scale: int = 1,
               labels: list[str] | None = None, pad: int = 2) -> Path:
     """Rows of equally sized images -> one PNG; an optional label is written left of each row."""
     w, h = (s * scale for s in rows[0][0].size)
-    label_w = 0 if labels is None else 7 * max(len(t) for t in labels) + 8
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 0 if labels is None else int(max(measure.textlength(t) for t in labels)) + 8
     cols = max(len(r) for r in rows)
     grid = Image.new("RGB", (label_w + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)

@@ -12,15 +12,15 @@ latent vector to the nearest of K codes:
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+
+from mmdit import weights
 
 
 @dataclass
@@ -242,19 +242,11 @@ class VQVAE(nn.Module):
         return self.decoder(quantized), commit, stats
 
     def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
+        weights.save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "VQVAE":
-        directory = Path(directory)
-        if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
-            raise FileNotFoundError(f"no VQ-VAE in {directory}: expected config.json and model.safetensors")
-        model = cls(VQVAEConfig(**json.loads((directory / "config.json").read_text())))
-        model.load_state_dict(load_file(str(directory / "model.safetensors")))
-        return model.eval()
+        return weights.from_pretrained(cls, VQVAEConfig, directory)
 
 
 def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:

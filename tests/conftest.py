@@ -6,6 +6,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny models: intra-op threading only adds overhead, and on a busy 2-core machine
+    thread hand-offs make each step ~50x slower. Restored afterwards for the rest of the suite."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 # A whole default pipeline, shrunk to run in seconds: shapes data -> captions -> VQ-VAE -> DiT -> export.
 TINY = [

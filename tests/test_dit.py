@@ -10,14 +10,7 @@ from mmdit.dit import DiT, DiTConfig, apply_rope, rope_2d
 MODES = ["cross", "joint"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These models are tiny: intra-op threading only adds overhead, and on a busy 2-core machine thread
-    hand-offs make each step ~50x slower. Restored afterwards for the rest of the suite."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_cfg(**overrides) -> DiTConfig:

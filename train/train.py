@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -195,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
                               log_with="tensorboard", project_dir=cfg.train.output_dir)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    if accelerator.device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(cfg.train.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
     set_seed(cfg.train.seed)
 
     out = Path(cfg.train.output_dir)

@@ -1,0 +1,41 @@
+"""`save_pretrained` / `from_pretrained` for every mmdit model: `config.json` (its config dataclass) +
+`model.safetensors` (never pickle). A checkpoint that does not fit its config is a clear error naming the
+first tensor that differs, not a page of missing keys."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+
+
+def from_pretrained(model_cls, config_cls, directory: str | Path):
+    """Build `model_cls(config_cls(**config.json))`, load its weights, return it in eval mode."""
+    directory = Path(directory)
+    what = model_cls.__name__
+    for name in ("config.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"no {what} in {directory}: {name} is missing "
+                                    "(expected config.json and model.safetensors)")
+    model = model_cls(config_cls(**json.loads((directory / "config.json").read_text())))
+    weights = directory / "model.safetensors"
+    state, expected = load_file(str(weights)), model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match its config.json: missing tensors {missing[:5]}, "
+                         f"unexpected tensors {unexpected[:5]}")
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            raise ValueError(f"{weights} does not match its config.json: tensor {name} has shape "
+                             f"{tuple(state[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the model")
+    model.load_state_dict(state)
+    return model.eval()
