@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
-    save_grid([images[i:i + 8] for i in range(0, min(64, len(images)), 8)], out / "samples.png", scale=2,
-              labels=[prompts[i][:40] for i in range(0, min(64, len(images)), 8)])
+    shown = min(24, len(images))  # one captioned row per sample: every caption differs
+    save_grid([[im] for im in images[:shown]], out / "samples.png", scale=2, labels=prompts[:shown])
     print(markdown(report))
     return report
 

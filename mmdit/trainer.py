@@ -22,6 +22,8 @@ from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from mmdit.weights import cpu_state
+
 log = get_logger("mmdit.train")
 
 
@@ -102,7 +104,7 @@ class Checkpoints:
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             if self.ema is not None:
-                save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+                save_file(cpu_state(self.ema), str(tmp / "ema.safetensors"))
             (tmp / "step.json").write_text(json.dumps({"step": step}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

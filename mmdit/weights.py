@@ -15,7 +15,12 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    save_file(cpu_state(model), str(directory / "model.safetensors"))
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as contiguous CPU tensors: what safetensors writes, from any device."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def from_pretrained(model_cls, config_cls, directory: str | Path):

@@ -70,12 +70,12 @@ def cache_captions(cfg, accelerator: Accelerator) -> CaptionCache:
 def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path) -> None:
     """Stage 1: train the tokenizer on the train split, export it, then fill the latent cache."""
     tcfg = cfg.vqvae_train
-    train = ImageCaptions.from_split(cfg.data, cfg.data.train_split, progress=accelerator.is_main_process)
-    val = ImageCaptions.from_split(cfg.data, cfg.data.val_split, progress=accelerator.is_main_process)
     f = cfg.vqvae.downsample
     if cfg.data.resolution % f:
         raise ConfigError(f"data.resolution={cfg.data.resolution} is not divisible by the VQ-VAE downsampling "
                           f"factor {f}; accepted: multiples of {f}")
+    train = ImageCaptions.from_split(cfg.data, cfg.data.train_split, progress=accelerator.is_main_process)
+    val = ImageCaptions.from_split(cfg.data, cfg.data.val_split, progress=accelerator.is_main_process)
     images = train.images  # (N, 3, R, R) uint8, kept uint8 until the batch is gathered
     fixed = val.images[:8].float() / 127.5 - 1
 
@@ -126,7 +126,6 @@ def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path) -> None:
         metrics["judge"] = judge_accuracy(to_pil(recon), truth)
     (out / "vqvae" / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info(f"vqvae: validation {json.dumps(metrics)}")
-
 
 
 def train_dit(cfg: Config, accelerator: Accelerator, out: Path, cache: CaptionCache) -> None:
@@ -183,7 +182,7 @@ def train_dit(cfg: Config, accelerator: Accelerator, out: Path, cache: CaptionCa
              f"{len(x_all)} latents of {tuple(x_all.shape[1:])}, {tcfg.steps} steps of {tcfg.batch_size}")
     fit(accelerator, "dit", dit, tcfg, get_batch, loss_fn, out / "dit", on_image, ema=ema, ema_decay=tcfg.ema_decay)
     if accelerator.is_main_process:
-        TextToImagePipeline(ema, vqvae.cpu(), info).save_pretrained(out)
+        TextToImagePipeline(ema, vqvae, info).save_pretrained(out)
         on_image(tcfg.steps, out / "samples.png")
         log.info(f"dit: exported the pipeline to {out}; samples in {out / 'samples.png'}")
 
