@@ -6,15 +6,15 @@ holds the per-channel mean and std of the quantized train latents, used to norma
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from mmdit.data.loader import ImageCaptions
 from mmdit.vqvae import VQVAE
+from mmdit.weights import atomic_write
 
 
 @torch.no_grad()
@@ -29,18 +29,12 @@ def encode_images(vqvae: VQVAE, images: torch.Tensor, batch_size: int = 256, des
     return torch.cat(out)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_split(directory: str | Path, split: str, indices: torch.Tensor, data: ImageCaptions) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"captions": data.captions, "columns": data.columns}
-    _atomic_write(directory / f"{split}.json", lambda p: p.write_text(json.dumps(meta)))
-    _atomic_write(directory / f"{split}.safetensors", lambda p: save_file({"indices": indices.contiguous()}, str(p)))
+    atomic_write(directory / f"{split}.json", json.dumps(meta).encode())
+    atomic_write(directory / f"{split}.safetensors", save({"indices": indices.contiguous()}))
 
 
 def load_split(directory: str | Path, split: str) -> tuple[torch.Tensor, dict]:

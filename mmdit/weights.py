@@ -4,6 +4,8 @@ first tensor that differs, not a page of missing keys."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,3 +46,17 @@ def from_pretrained(model_cls, config_cls, directory: str | Path):
                              f"{tuple(state[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the model")
     model.load_state_dict(state)
     return model.eval()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    # A temp file in the same dir + os.replace: readers see the old file or the full new one.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
