@@ -8,13 +8,16 @@ dataclasses and the code that reads them uses plain `if`s.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import yaml
 
@@ -45,6 +48,10 @@ class DataConfig:
     seed: int = 0
     holdout: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        if self.resolution < 1:
+            raise ValueError(f"data.resolution={self.resolution}; accepted: an integer >= 1")
+
 
 @dataclass
 class TextEncoderConfig:
@@ -55,12 +62,14 @@ class TextEncoderConfig:
 
 @dataclass
 class VQVAETrainConfig(StageConfig):
+    section: ClassVar[str] = "vqvae_train"
     l1_weight: float = 1.0
     mse_weight: float = 1.0
 
 
 @dataclass
 class DiTTrainConfig(StageConfig):
+    section: ClassVar[str] = "dit_train"
     cfg_dropout: float = 0.1  # probability of training on the empty caption (classifier-free guidance)
     t_mean: float = 0.0  # logit-normal timestep sampling: sigmoid(N(t_mean, t_std^2))
     t_std: float = 1.0
@@ -72,6 +81,13 @@ class DiTTrainConfig(StageConfig):
         "a small yellow triangle on the left", "a large cyan square on the right",
     ])
 
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.cfg_dropout <= 1:
+            raise ValueError(f"dit_train.cfg_dropout={self.cfg_dropout}; accepted: a probability in [0, 1]")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"dit_train.ema_decay={self.ema_decay}; accepted: a number in [0, 1)")
+
 
 @dataclass
 class SampleConfig:
@@ -80,6 +96,14 @@ class SampleConfig:
     sampler: str = "euler"  # "euler" | "heun"
     seed: int = 0
     snap_to_codes: bool = True  # snap sampled latents to the nearest VQ code before decoding
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"sample.steps={self.steps}; accepted: an integer >= 1")
+        if self.guidance < 0:
+            raise ValueError(f"sample.guidance={self.guidance}; accepted: a number >= 0 (1 = no guidance)")
+        if self.sampler not in ("euler", "heun"):
+            raise ValueError(f"sample.sampler={self.sampler!r}; accepted: euler, heun")
 
 
 @dataclass
@@ -93,6 +117,17 @@ class TrainConfig:
     # Intra-op threads per process on CPU; 0 = this machine's cores shared among the local processes.
     # (`accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core CPU.)
     cpu_threads: int = 0
+    # "auto" = continue from the newest complete checkpoint of each stage, "never" = start over (earlier
+    # checkpoints are moved aside), or a checkpoint directory (e.g. runs/x/dit/checkpoints/step-00001000).
+    resume: str = "auto"
+
+    def __post_init__(self):
+        if self.stage not in ("all", "data", "vqvae", "dit"):
+            raise ValueError(f"train.stage={self.stage!r}; accepted: all, data, vqvae, dit")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision={self.mixed_precision!r}; accepted: auto, no, bf16, fp16")
+        if self.cpu_threads < 0:
+            raise ValueError(f"train.cpu_threads={self.cpu_threads}; accepted: 0 (automatic) or an integer >= 1")
 
 
 @dataclass
@@ -167,7 +202,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
-        if key not in hints:
+        if key not in names:
             where = f"section '{prefix.rstrip('.')}'" if prefix else "the config"
             raise ConfigError(f"unknown key '{prefix}{key}' in {where}; valid keys: {', '.join(names)}")
         tp = hints[key]
@@ -220,3 +255,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return config_from_dict(tree, overrides)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command lines: a user mistake is one line on stderr, never a traceback.
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as a single `error: ...` line (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """ConfigError unless `path` (a file or directory to be written, maybe not there yet) can be created."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if existing == path and path.is_file():
+        existing = path.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"{what}={path} cannot be written: {existing} is not a writable directory; "
+                          "accepted: a path in a writable directory")
+
+
+def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None,
+            user_errors: tuple[type[BaseException], ...] = (ConfigError,),
+            failures: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a command-line `main(argv)` and return its exit code: 0, 2 for one of `user_errors` (a mistake
+    in the input, shown as one `error: ...` line) or a bad argument, 1 for one of `failures` (shown the same
+    way), 130 for a Ctrl-C, or the code `main` exits with. Anything else is a bug and keeps its traceback."""
+    try:
+        main(argv)
+        return 0
+    except user_errors + failures as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2 if isinstance(e, user_errors) else 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # argparse's errors and --help, a clean stop on SIGTERM
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        return e.code if isinstance(e.code, int) else int(e.code is not None)

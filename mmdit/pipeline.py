@@ -38,6 +38,13 @@ class PipelineInfo:
     snap_to_codes: bool = True
 
 
+def check_sampling(num_steps: int, guidance_scale: float) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}; accepted: an integer >= 1")
+    if not guidance_scale >= 0:  # also NaN
+        raise ValueError(f"guidance_scale={guidance_scale}; accepted: >= 0 (1 = no guidance)")
+
+
 class TextToImagePipeline:
     def __init__(self, dit: DiT, vqvae: VQVAE, info: PipelineInfo, text_encoder: TextEncoder | None = None):
         self.dit = dit.eval()
@@ -76,8 +83,7 @@ class TextToImagePipeline:
         """Embedded prompts (B, L, D) + the empty-prompt embedding (1, L, D) -> images (B, 3, H, W) in [-1, 1].
         Image i's noise depends only on (seed, first_index + i): a prompt's picture does not depend on how
         the prompts are batched or sharded across processes."""
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale}; accepted: >= 0 (1 = no guidance)")
+        check_sampling(num_steps, guidance_scale)
         device = next(self.dit.parameters()).device
         cfg = self.dit.cfg
         b = len(text.hidden)
@@ -109,6 +115,9 @@ class TextToImagePipeline:
             raise TypeError("prompts must be a list of strings, e.g. [\"a red circle\"], not a single string")
         if len(prompts) == 0:
             raise ValueError("prompts is empty; accepted: a list of one or more strings (\"\" = unconditional)")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}; accepted: an integer >= 1")
+        check_sampling(num_steps, guidance_scale)  # before the text encoder loads
         null = self.text_encoder([""])
         images = []
         for start in range(0, len(prompts), batch_size):

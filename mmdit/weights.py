@@ -8,9 +8,14 @@ import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
+
+
+class WeightsMismatchError(ValueError):
+    """A weights file that does not fit the model its config describes (another config's checkpoint)."""
 
 
 def save_pretrained(model: torch.nn.Module, directory: str | Path) -> None:
@@ -35,17 +40,24 @@ def from_pretrained(model_cls, config_cls, directory: str | Path):
                                     "(expected config.json and model.safetensors)")
     model = model_cls(config_cls(**json.loads((directory / "config.json").read_text())))
     weights = directory / "model.safetensors"
-    state, expected = load_file(str(weights)), model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not match its config.json: missing tensors {missing[:5]}, "
-                         f"unexpected tensors {unexpected[:5]}")
-    for name, tensor in expected.items():
-        if state[name].shape != tensor.shape:
-            raise ValueError(f"{weights} does not match its config.json: tensor {name} has shape "
-                             f"{tuple(state[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the model")
+    state = load_file(str(weights))
+    check_shapes({k: v.shape for k, v in state.items()}, model.state_dict(), weights, "its config.json")
     model.load_state_dict(state)
     return model.eval()
+
+
+def check_shapes(found: dict[str, Sequence[int]], expected: dict[str, torch.Tensor], path: str | Path,
+                 against: str = "this config") -> None:
+    """WeightsMismatchError, in one line naming the first tensor that differs, if the tensor names and shapes
+    `found` in the file at `path` are not those of the model's state dict `expected`."""
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or unexpected:
+        raise WeightsMismatchError(f"{path} does not match {against}: missing tensors {missing[:5]}, "
+                         f"unexpected tensors {unexpected[:5]}")
+    for name, tensor in expected.items():
+        if tuple(found[name]) != tuple(tensor.shape):
+            raise WeightsMismatchError(f"{path} does not match {against}: tensor {name} has shape "
+                             f"{tuple(found[name])} in the checkpoint, {tuple(tensor.shape)} in the model")
 
 
 def atomic_write(path: Path, data: bytes) -> None:

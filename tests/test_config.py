@@ -65,3 +65,14 @@ def test_save_round_trip(tmp_path):
     cfg.save(tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["seed"] == 7
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("name", ["1gpu-bf16", "8gpu-ddp", "multinode-ddp", "fsdp-full-shard"])
+def test_accelerate_configs_are_valid(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    cfg = load_config_from_file(f"configs/accelerate/{name}.yaml")  # unknown top-level keys are an error here
+    assert cfg.num_processes >= cfg.num_machines >= 1 and cfg.mixed_precision in ("no", "bf16")
+    launch_options = {a.dest for a in launch_command_parser()._actions}
+    assert set(cfg.fsdp_config) <= launch_options  # accelerate launch silently ignores unknown FSDP keys

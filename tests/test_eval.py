@@ -1,23 +1,98 @@
+"""eval/eval.py on the tiny trained run: the report schema, the balanced caption set, sharding, bad input."""
 import json
+from argparse import Namespace
 
 import pytest
+import torch
 
-from eval.eval import main as eval_main
+from eval.eval import cli, generate, main as eval_main, merge, select_rows
+from mmdit.pipeline import TextToImagePipeline
+from test_clip import make_tiny_open_clip  # tests/ is on sys.path (rootdir conftest)
 
 
-def test_eval_composition_report(tiny_run, tmp_path):
-    report = eval_main(["--model", str(tiny_run), "--num-samples", "6", "--steps", "2", "--out", str(tmp_path)])
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("clip")
+    make_tiny_open_clip(directory)
+    return directory
+
+
+def test_eval_report_all_metrics(tiny_run, clip_dir, tmp_path, single_thread):
+    argv = ["--model", str(tiny_run), "--metrics", "fid,clip,composition,recon", "--num-samples", "6", "--steps", "2",
+            "--batch-size", "4", "--clip-model", str(clip_dir), "--fid-features", "clip",
+            "--cache-dir", str(tmp_path / "cache")]
+    report = eval_main([*argv, "--out", str(tmp_path / "a")])
+    p = report["protocol"]
+    assert p["num_samples"] == 6 and p["steps"] == 2 and p["guidance"] == 4.0 and p["seed"] == 0
+    assert p["caption_set"]["n_seen"] + p["caption_set"]["n_held_out"] == 6
+    ext = report["fid_extractor"]
+    assert ext["in_domain"] and "in-domain" in ext["label"] and ext["resize"]
+    assert ext["reference"]["n"] == 6 and not ext["reference"]["from_cache"]
+    assert report["fid"]["samples_vs_reference"] > 0
+    clip = report["clip"]
+    assert clip["in_domain"] and "in-domain" in clip["label"]
+    row = clip["all_captions"]
+    assert row["n"] == 6 and 0 <= row["samples"]["clip_score"] <= 100 and 0 <= row["real_ceiling"]["clip_score"] <= 100
+    assert 0 <= row["mismatched_floor"]["clip_score"] <= 100
+    assert row["ratio_to_ceiling"] == pytest.approx(row["samples"]["clip_score"] / row["real_ceiling"]["clip_score"])
     comp = report["composition"]
-    assert comp["n"] == 6
-    assert set(comp["all_captions"]) == {"shape", "color", "position", "size", "all"}
-    assert all(0.0 <= v <= 1.0 for v in comp["all_captions"].values())
+    assert comp["all_captions"]["n"] == 6
+    assert set(comp["all_captions"]) == {"n", "shape", "color", "position", "size", "all"}
     assert sum(comp[k]["n"] for k in ("seen", "held_out") if k in comp) == 6
-    saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["protocol"]["num_samples"] == 6 and saved["protocol"]["steps"] == 2
-    assert "Compositional accuracy" in (tmp_path / "report.md").read_text()
-    assert (tmp_path / "samples.png").is_file()
+    recon = report["recon"]
+    assert recon["n"] == 6 and recon["psnr_db"] > 0 and recon["fid_recon_vs_reference"] >= 0
+    saved = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    text = (tmp_path / "a" / "report.md").read_text()
+    for section in ("## FID", "## CLIP score", "Compositional accuracy", "VQ-VAE reconstruction", "in-domain"):
+        assert section in text
+    assert (tmp_path / "a" / "samples.png").is_file()
+
+    # A second evaluation reads the reference statistics from the cache and gets the same numbers.
+    again = eval_main([*argv, "--out", str(tmp_path / "b"), "--metrics", "fid"])
+    assert again["fid_extractor"]["reference"]["from_cache"]
+    assert again["fid"]["samples_vs_reference"] == pytest.approx(report["fid"]["samples_vs_reference"], rel=1e-9)
 
 
-def test_eval_rejects_unknown_metric(tiny_run, tmp_path):
-    with pytest.raises(SystemExit):
-        eval_main(["--model", str(tiny_run), "--metrics", "fid,bogus", "--out", str(tmp_path)])
+def test_held_out_combinations_get_an_equal_share():
+    flags = [i % 6 == 0 for i in range(60)]  # 10 held-out rows of 60
+    rows = select_rows(flags, 12)
+    assert len(rows) == 12 and sum(flags[i] for i in rows) == 6 and rows == sorted(rows)
+    rows = select_rows(flags, 30)  # fewer held-out rows than N/2: all of them, the rest seen
+    assert len(rows) == 30 and sum(flags[i] for i in rows) == 10
+    assert select_rows([False] * 5, 3) == [0, 1, 2]
+    assert len(select_rows(flags, 100)) == 60
+
+
+def test_sharded_sampling_equals_one_process(tiny_run, single_thread):
+    pipe = TextToImagePipeline.from_pretrained(tiny_run)
+    captions = ["a red circle", "a small blue square in the bottom right", "a large green triangle", "a cyan circle",
+                "a small yellow square at the top"]
+    args = Namespace(batch_size=2, steps=2, guidance=4.0, seed=3, sampler="euler")
+    whole = merge(generate(pipe, captions, args))
+    for world in (2, 3):
+        parts = [p for rank in range(world) for p in generate(pipe, captions, args, rank, world)]
+        assert torch.equal(merge(parts[::-1]), whole)  # gathered in any order, merged by index
+    assert whole.shape == (5, 3, 32, 32) and whole.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--metrics", "fid,bogus"], "unknown metric 'bogus'"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--metrics", "clip"], "need --clip-model"),
+    (["--metrics", "clip", "--clip-model", "nobody/no-such-clip"], "cannot load CLIP 'nobody/no-such-clip'"),
+    (["--metrics", "fid", "--inception-weights", "/nonexistent/inception.pth"], "no such file"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tiny_run, tmp_path, capsys, extra, says):
+    code = cli(["--model", str(tiny_run), "--out", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and says in err and "\n" not in err and "Traceback" not in err
+
+
+def test_missing_run_and_unwritable_out(tiny_run, tmp_path, capsys):
+    assert cli(["--model", str(tmp_path / "no-run"), "--out", str(tmp_path / "out")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli(["--model", str(tiny_run), "--out", str(blocker / "out"), "--num-samples", "2"]) == 2
+    assert "cannot write there" in capsys.readouterr().err

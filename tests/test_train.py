@@ -1,15 +1,18 @@
+import io
 import json
 import shutil
 
+import datasets
 import pytest
 import torch
-from accelerate import Accelerator
+from PIL import Image
 from safetensors.torch import load_file
 
-from mmdit.config import ConfigError
-from mmdit.trainer import Checkpoints, StageConfig, batch_indices, lr_factor, resolve_mixed_precision
+from mmdit.config import DataConfig
+from mmdit.data.loader import DataError
+from mmdit.trainer import StageConfig, batch_indices, lr_factor, resolve_mixed_precision
 from mmdit.vqvae import VQVAE
-from train.train import main
+from train.train import StreamBatches, main
 
 from conftest import tiny_args
 
@@ -44,21 +47,6 @@ def test_mixed_precision_choice():
         resolve_mixed_precision("fp8")
 
 
-def test_checkpoints_are_atomic_and_fall_back(tmp_path):
-    accelerator = Accelerator(cpu=True)
-    model = accelerator.prepare(torch.nn.Linear(2, 2))
-    ckpts = Checkpoints(tmp_path, keep=2)
-    for step in (1, 2, 3):
-        with torch.no_grad():
-            model.weight.fill_(step)
-        ckpts.save(accelerator, step)
-    assert [p.name for p in ckpts.all()] == ["step-00000002", "step-00000003"]  # keeps the last 2
-    (tmp_path / ".tmp-step-00000004").mkdir()  # a save killed midway is never picked up
-    (ckpts.all()[-1] / "model.safetensors").write_bytes(b"garbage")  # newest one damaged
-    assert ckpts.resume(accelerator) == 2
-    assert torch.all(model.weight == 2)
-
-
 def test_default_pipeline_tiny_end_to_end_and_resume(tmp_path, caplog):
     main(tiny_args(tmp_path, "train.stage=vqvae"))
     run = tmp_path / "run"
@@ -83,8 +71,45 @@ def test_default_pipeline_tiny_end_to_end_and_resume(tmp_path, caplog):
     assert (run / "vqvae" / "model" / "model.safetensors").is_file()
 
 
-def test_bad_stage_and_indivisible_resolution(tmp_path):
-    with pytest.raises(ConfigError, match="accepted: all, data, vqvae, dit"):
-        main(tiny_args(tmp_path, "train.stage=everything"))
-    with pytest.raises(ConfigError, match="not divisible by the VQ-VAE downsampling factor 4"):
-        main(tiny_args(tmp_path, "train.stage=vqvae", "data.resolution=30"))
+def _saved_dataset(path, n=10):
+    def png(i):
+        buffer = io.BytesIO()
+        Image.new("RGB", (12, 12), (20 * i, 0, 0)).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+    ds = datasets.Dataset.from_dict({"img": [png(i) for i in range(n)], "text": [f"c{i}" for i in range(n)]})
+    ds.cast_column("img", datasets.Image()).save_to_disk(str(path))
+    return DataConfig(name=str(path), image_column="img", caption_column="text", resolution=12, streaming=True)
+
+
+def reds(batch):
+    return [int(v) // 20 for v in batch[:, 0, 0, 0]]  # the row each image came from
+
+
+def test_streamed_batches_are_sharded_and_resume_where_they_stopped(tmp_path):
+    cfg = _saved_dataset(tmp_path / "saved")
+    shards = [StreamBatches(cfg, "train", range(r, r + 1), 2, batch_size=2) for r in range(2)]
+    epoch = [reds(shards[r](step, r, 2)) for step in range(2) for r in range(2)]  # 2 steps x 2 shards x 2 = 8 of 10
+    seen = [row for batch in epoch for row in batch]
+    assert len(set(seen)) == len(seen)  # no row twice: sharded, not duplicated
+    later = [reds(shards[0](step, 0, 2)) for step in range(2, 6)]  # across the end of shard 0's epoch
+    restarted = StreamBatches(cfg, "train", range(0, 1), 2, batch_size=2)
+    for step in range(2):
+        restarted(step, 0, 2)
+    state = json.loads(json.dumps(restarted.state_dict()))  # what a checkpoint stores, as JSON
+    resumed = StreamBatches(cfg, "train", range(0, 1), 2, batch_size=2)
+    resumed.load_state_dict(state)
+    assert [reds(resumed(step, 0, 2)) for step in range(2, 6)] == later
+    with pytest.raises(DataError, match="shard 2 of 20 of the streamed split has no usable images"):
+        StreamBatches(_saved_dataset(tmp_path / "two", n=2), "train", range(2, 3), 20, batch_size=1)(0, 2, 20)
+
+
+def test_streaming_vqvae_stage_end_to_end_and_resume(tmp_path, caplog):
+    args = ["train.stage=vqvae", "data.streaming=true", "vqvae_train.checkpoint_every=3"]
+    main(tiny_args(tmp_path, *args, "vqvae_train.steps=3"))
+    run = tmp_path / "run"
+    assert json.loads((run / "vqvae/checkpoints/step-00000003/data_state_0.json").read_text())["0"]["epoch"] == 0
+    rows = json.loads((run / "latents" / "train.json").read_text())["captions"]
+    assert len(load_file(str(run / "latents" / "train.safetensors"))["indices"]) == len(rows) == 114
+    with caplog.at_level("INFO"):
+        main(tiny_args(tmp_path, *args, "vqvae_train.steps=5"))
+    assert "vqvae: resumed from step 3" in caplog.text

@@ -1,0 +1,102 @@
+"""Data-parallel training over 2 CPU processes (`accelerate launch --multi_gpu --num_processes 2`, gloo):
+identical weights on both ranks, the same result as 1 process with the same global batch, every row of a
+step's global batch trained on exactly once, and files written by the main process only. The 2-process run
+also accumulates gradients (2 micro-batches) and checkpoints activations (dit.grad_checkpointing)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mmdit.trainer import batch_indices
+
+from conftest import tiny_args
+
+REPO = Path(__file__).resolve().parent.parent
+
+# train.py with a record, per process, of the rows it trained on, the files it wrote, and its final weights.
+DRIVER = """
+import json, os, sys
+import train.train as tt
+import mmdit.trainer as trainer
+from safetensors.torch import save_file
+from mmdit.weights import cpu_state
+
+out, rank = sys.argv[1], int(os.environ["RANK"])
+rows, written = [], []
+real_indices, real_fit, real_grid, real_save_file = tt.batch_indices, tt.fit, tt.save_grid, trainer.save_file
+
+def batch_indices(step, n, batch_size, seed, shard, num_shards):
+    result = real_indices(step, n, batch_size, seed, shard, num_shards)
+    rows.append([step, shard, result.tolist()])
+    return result
+
+def fit(*args, **kwargs):
+    model = real_fit(*args, **kwargs)
+    save_file(cpu_state(model), f"{out}/weights-{rank}.safetensors")
+    return model
+
+def save_grid(rows, path, *args, **kwargs):
+    written.append(str(path))
+    return real_grid(rows, path, *args, **kwargs)
+
+def save_ema(tensors, path, *args, **kwargs):
+    written.append(str(path))
+    return real_save_file(tensors, path, *args, **kwargs)
+
+tt.batch_indices, tt.fit, tt.save_grid, trainer.save_file = batch_indices, fit, save_grid, save_ema
+code = tt.cli(sys.argv[2:])
+json.dump({"rows": rows, "written": written}, open(f"{out}/record-{rank}.json", "w"))
+sys.exit(code)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_and_write_once(tiny_run, tmp_path):
+    root = tmp_path / "two"  # the tiny run's data, caption cache, VQ-VAE and latent cache; the DiT from scratch
+    shutil.copytree(tiny_run.parent, root, ignore=shutil.ignore_patterns("dit", "tensorboard", "*.png"))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    # The tiny run: 1 process, batch 8. Here: 2 processes x 2 accumulated micro-batches of 2 = the same 8.
+    args = tiny_args(root, "train.stage=dit", "dit_train.batch_size=2", "dit_train.gradient_accumulation_steps=2",
+                     "dit.grad_checkpointing=true")
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launch, str(tmp_path / "driver.py"), str(tmp_path), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    weights = [load_file(tmp_path / f"weights-{rank}.safetensors") for rank in range(2)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the ranks never drift apart
+    one = tiny_run / "dit" / "checkpoints" / "step-00000010"
+    two = root / "run" / "dit" / "checkpoints" / "step-00000010"
+    for name in ("model", "ema"):  # the same global batch: equal up to float summation order
+        a, b = load_file(one / f"{name}.safetensors"), load_file(two / f"{name}.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=f"{name} {key}")
+
+    records = [json.loads((tmp_path / f"record-{rank}.json").read_text()) for rank in range(2)]
+    n = len(load_file(root / "run" / "latents" / "train.safetensors")["indices"])
+    for step in range(10):  # each row of the global batch trained on once, by one process
+        parts = [(shard, rows) for r in records for s, shard, rows in r["rows"] if s == step]
+        assert sorted(shard for shard, _ in parts) == [0, 1, 2, 3]
+        assert sorted(row for _, rows in parts for row in rows) == sorted(batch_indices(step, n, 8, 0).tolist())
+    assert {shard for _, shard, _ in records[1]["rows"]} == {2, 3}
+
+    assert records[1]["written"] == []  # sample grids and the EMA weights: the main process only
+    assert {Path(p).name for p in records[0]["written"]} == {"ema.safetensors", "samples-000010.png", "samples.png"}
+    assert len(list((root / "run" / "tensorboard").rglob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in two.iterdir()) == ["ema.safetensors", "model.safetensors", "optimizer.bin",
+                                                      "random_states_0.pkl", "random_states_1.pkl", "step.json"]
+    assert proc.stderr.count("dit: exported the pipeline") == 1  # logs from the main process only
