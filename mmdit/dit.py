@@ -73,7 +73,7 @@ def layer_norm(width: int) -> nn.LayerNorm:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift  # x (B, N, W); shift, scale (B, 1, W)
+    return torch.addcmul(shift, x, 1 + scale)  # x * (1 + scale) + shift, one pass; x (B, N, W), shift/scale (B, 1, W)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -105,24 +105,58 @@ def rope_2d(head_dim: int, size: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    cos, sin = rope  # x (B, heads, N, head_dim); rope (2, N, head_dim)
+    cos, sin = rope  # x (B, N, heads, head_dim); rope (2, N, 1, head_dim)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def split_heads(x: torch.Tensor, n: int, heads: int) -> tuple[torch.Tensor, ...]:
-    """(B, S, n * W) -> n tensors (B, heads, S, W / heads): views, no copy (SDPA takes the strides as they are)."""
+    """(B, S, n * W) -> n views (B, S, heads, W / heads), no copy. Kept token-major, like the Linear that made
+    them: QK-norm runs ~25% faster here than on the (B, heads, S, hd) permutation, and SDPA takes either."""
     b, s, _ = x.shape
-    return x.view(b, s, n, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return x.view(b, s, n, heads, -1).unbind(2)
 
 
 def attention(q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q (B, heads, Lq, hd), k/v (B, heads, Lk, hd), mask (B, 1, 1, Lk) bool (True = attend) -> (B, Lq, W)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+    """q (B, Lq, heads, hd), k/v (B, Lk, heads, hd), mask (B, 1, 1, Lk) bool (True = attend) -> (B, Lq, W).
+    SDPA wants heads first: transposed views in; its output keeps the query's token-major layout (CPU flash
+    kernel), so the transpose back and the flatten are views, not copies."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same `weight`) with a hand-written backward on CPU, where PyTorch's RMSNorm is a chain of
+    ~12 elementwise kernels (forward + backward): this one takes ~20% less time per QK-norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":  # CUDA has a fused kernel
+            return super().forward(x)
+        return _RMSNormCPU.apply(x, self.weight, self.eps)
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        # Statistics in fp32 even for bf16 inputs, as F.rms_norm does.
+        r = torch.rsqrt(x.float().square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
+        x_hat = x * r
+        ctx.save_for_backward(x_hat, r, weight)
+        return (x_hat * weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # y = x_hat * w, x_hat = x * r: dx = r * (g w - x_hat * mean(g w x_hat)), dw = sum(g x_hat)
+        x_hat, r, weight = ctx.saved_tensors
+        gw = grad * weight
+        dot = torch.linalg.vecdot(gw, x_hat, dim=-1).unsqueeze(-1) / x_hat.shape[-1]
+        dx = torch.addcmul(gw, x_hat, dot, value=-1).mul_(r).to(grad.dtype)
+        dw = (grad * x_hat).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
 
 
 def qk_norm(head_dim: int, enabled: bool) -> nn.Module:
-    return nn.RMSNorm(head_dim, eps=1e-6) if enabled else nn.Identity()
+    return RMSNorm(head_dim, eps=1e-6) if enabled else nn.Identity()
 
 
 class AdaLN(nn.Module):
@@ -162,7 +196,7 @@ class Stream(nn.Module):
             self.mlp = mlp(w, int(w * cfg.mlp_ratio), w, nn.GELU(approximate="tanh"))
 
     def qkv_heads(self, x, c, rope=None):
-        """-> (q, k, v) each (B, heads, S, head_dim) (q None when pre_only), and the modulation vectors."""
+        """-> (q, k, v) each (B, S, heads, head_dim) (q None when pre_only), and the modulation vectors."""
         mod = self.adaLN(c)
         *q, k, v = split_heads(self.qkv(modulate(self.norm1(x), mod[0], mod[1])), self.n, self.heads)
         q, k = (self.q_norm(q[0]) if q else None), self.k_norm(k)
@@ -170,11 +204,11 @@ class Stream(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         return (q, k, v), mod
 
-    def attn_residual(self, x, attn_out, mod):
-        return x + mod[2] * self.proj(attn_out)
+    def attn_residual(self, x, attn_out, mod):  # x + gate * branch, in one pass
+        return torch.addcmul(x, mod[2], self.proj(attn_out))
 
     def mlp_residual(self, x, mod):
-        return x + mod[5] * self.mlp(modulate(self.norm2(x), mod[3], mod[4]))
+        return torch.addcmul(x, mod[5], self.mlp(modulate(self.norm2(x), mod[3], mod[4])))
 
 
 class CrossAttention(nn.Module):
@@ -224,11 +258,11 @@ class JointBlock(nn.Module):
         # RoPE on image tokens only: text tokens carry the encoder's own positions, as if all at position 0.
         (qi, ki, vi), mod_i = self.img.qkv_heads(img, c, rope)
         (qt, kt, vt), mod_t = self.txt.qkv_heads(text, c)
-        k, v = torch.cat([kt, ki], dim=2), torch.cat([vt, vi], dim=2)  # (B, heads, L + N, head_dim)
+        k, v = torch.cat([kt, ki], dim=1), torch.cat([vt, vi], dim=1)  # (B, L + N, heads, head_dim)
         if self.last:  # nothing reads the text stream after this block, so only image tokens query
             out_i = attention(qi, k, v, mask)
         else:
-            out = attention(torch.cat([qt, qi], dim=2), k, v, mask)  # (B, L + N, W)
+            out = attention(torch.cat([qt, qi], dim=1), k, v, mask)  # (B, L + N, W)
             out_t, out_i = out.split([text.shape[1], img.shape[1]], dim=1)
             text = self.txt.mlp_residual(self.txt.attn_residual(text, out_t, mod_t), mod_t)
         return self.img.mlp_residual(self.img.attn_residual(img, out_i, mod_i), mod_i), text
@@ -268,7 +302,8 @@ class DiT(nn.Module):
         if cfg.pos_embed == "sincos":
             self.register_buffer("pos", sincos_2d(w, grid)[None], persistent=False)  # (1, N, W)
         else:
-            self.register_buffer("rope", rope_2d(w // cfg.heads, grid), persistent=False)  # (2, N, head_dim)
+            rope = rope_2d(w // cfg.heads, grid)[:, :, None]  # (2, N, 1, head_dim): broadcasts over heads
+            self.register_buffer("rope", rope, persistent=False)
         self.init_weights()
 
     def init_weights(self):
@@ -296,7 +331,9 @@ class DiT(nn.Module):
         b, _, h, w = x.shape
         if (h, w) != (cfg.input_size, cfg.input_size):
             raise ValueError(f"DiT built for {cfg.input_size}x{cfg.input_size} latents, got {h}x{w}")
-        img = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, W)
+        # contiguous: the transposed conv output would otherwise set the memory layout of every residual-stream
+        # op after it (TensorIterator keeps its operands' layout), and LayerNorm and Linear copy such input.
+        img = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, W)
         if cfg.pos_embed == "sincos":
             img = img + self.pos
         rope = self.rope if cfg.pos_embed == "rope" else None

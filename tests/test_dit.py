@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmdit.dit import DiT, DiTConfig, apply_rope, rope_2d
+from mmdit.dit import DiT, DiTConfig, RMSNorm, apply_rope, rope_2d
 
 MODES = ["cross", "joint"]
 
@@ -75,6 +75,40 @@ def test_padding_is_invisible(mode, pos_embed):
     longer_text = torch.cat([garbage_text, 10 * torch.randn(3, 4, model.cfg.text_dim, generator=g)], dim=1)
     longer_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.bool)], dim=1)
     torch.testing.assert_close(model(x, t, longer_text, longer_mask, pooled), ref, atol=1e-5, rtol=0)
+
+
+def test_rmsnorm_matches_torch_in_value_and_gradient():
+    """The hand-written CPU backward against autograd through nn.RMSNorm, on a strided view as QK-norm sees."""
+    g = torch.Generator().manual_seed(0)
+    ours, ref = RMSNorm(8, eps=1e-6), torch.nn.RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(8, generator=g))
+    ref.load_state_dict(ours.state_dict())  # same parameter name: exported runs load either way
+    base = torch.randn(3, 5, 2, 4, 8, generator=g)
+    grad_out = torch.randn(3, 5, 4, 8, generator=g)
+    outs = []
+    for norm in (ours, ref):
+        x = base.clone().requires_grad_()
+        y = norm(x[:, :, 0])  # (3, 5, 4, 8) view, not contiguous
+        y.backward(grad_out)
+        outs.append((y.detach(), x.grad, norm.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    half = ours(base.bfloat16())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), ref(base).detach(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_norms_see_contiguous_input(mode):
+    """A transposed residual stream (the conv patch embedding's output) makes every LayerNorm copy its input."""
+    model = randomise(built(mode=mode))
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous()))
+    model(*inputs(model.cfg))
+    assert seen and all(seen)
 
 
 def test_rope_scores_depend_only_on_relative_position():
