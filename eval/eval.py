@@ -50,7 +50,7 @@ from mmdit.data.loader import DataError, ImageCaptions, dataset_source  # noqa: 
 from mmdit.data.shapes import ATTRIBUTES, judge_accuracy  # noqa: E402
 from mmdit.grid import save_grid  # noqa: E402
 from mmdit.metrics import (FID, MetricError, clip_cosines, clip_extractor, clip_score, inception_extractor,  # noqa: E402
-                           reconstruct, to_uint8)
+                           reconstruct, retrieval_top1, to_uint8)
 from mmdit.pipeline import TextToImagePipeline  # noqa: E402
 from mmdit.text_encoder import TextEncoderLoadError  # noqa: E402
 
@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         recon, psnr_db = reconstruct(pipe.vqvae, cs.reference)
         report["recon"] = {"n": len(recon), "psnr_db": psnr_db, "fid_label": fid.info["label"],
                            "fid_recon_vs_reference": fid(recon)}
+        if clip is not None:  # are the reconstructions still recognisable as their captions?
+            report["recon"]["clip_retrieval_top1"] = {"reference": retrieval_top1(clip, cs.reference, cs.captions),
+                                                      "recon": retrieval_top1(clip, recon, cs.captions)}
 
     out = Path(args.out)
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -352,6 +355,10 @@ def markdown(report: dict) -> str:
         lines += ["## VQ-VAE reconstruction", "",
                   (f"{r['n']} reference images: PSNR {r['psnr_db']:.2f} dB, {r['fid_label']} of reconstructions vs "
                    f"real: {r['fid_recon_vs_reference']:.3f}"), ""]
+        if "clip_retrieval_top1" in r:
+            top1 = r["clip_retrieval_top1"]
+            lines += [f"CLIP image->text top-1 among the distinct captions: real {100 * top1['reference']:.1f}%, "
+                      f"reconstructions {100 * top1['recon']:.1f}%", ""]
     return "\n".join(lines)
 
 

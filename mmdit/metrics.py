@@ -195,6 +195,18 @@ def clip_score(cosines: torch.Tensor) -> dict[str, float]:
             "torchmetrics_clip_score": max(100 * cosines.mean().item(), 0.0)}
 
 
+def retrieval_top1(clip: CLIP, images: torch.Tensor, captions: list[str], batch_size: int = 100) -> float:
+    """Image->text top-1 among the set's distinct captions (a hit = the image's own caption): does the CLIP
+    still recognise each image? Compared between real images and their reconstructions."""
+    distinct = list(dict.fromkeys(captions))
+    text = F.normalize(torch.cat([clip.encode_text(distinct[i:i + batch_size]).cpu()
+                                  for i in range(0, len(distinct), batch_size)]), dim=-1)  # (C, D)
+    image = F.normalize(torch.cat([clip.encode_image(images[i:i + batch_size]).cpu()
+                                   for i in range(0, len(images), batch_size)]), dim=-1)  # (N, D)
+    own = torch.tensor([distinct.index(c) for c in captions])
+    return ((image @ text.T).argmax(-1) == own).float().mean().item()
+
+
 @torch.no_grad()
 def reconstruct(vqvae: VQVAE, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, float]:
     """uint8 (N, 3, H, W) -> (VQ-VAE reconstructions as uint8, mean PSNR in dB of the float reconstructions)."""

@@ -41,6 +41,8 @@ def test_eval_report_all_metrics(tiny_run, clip_dir, tmp_path, single_thread):
     assert sum(comp[k]["n"] for k in ("seen", "held_out") if k in comp) == 6
     recon = report["recon"]
     assert recon["n"] == 6 and recon["psnr_db"] > 0 and recon["fid_recon_vs_reference"] >= 0
+    assert set(recon["clip_retrieval_top1"]) == {"reference", "recon"}
+    assert all(0 <= v <= 1 for v in recon["clip_retrieval_top1"].values())
     saved = json.loads((tmp_path / "a" / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     text = (tmp_path / "a" / "report.md").read_text()

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from mmdit.clip import load_clip
 from mmdit.grid import to_pil
 from mmdit.metrics import (FID, MetricError, add_noise, clip_cosines, clip_extractor, clip_score, inception_extractor,
-                           to_uint8)
+                           retrieval_top1, to_uint8)
 from test_clip import make_tiny_open_clip  # tests/ is on sys.path (rootdir conftest)
 
 
@@ -116,6 +116,18 @@ def test_clip_score_is_the_hand_computation(tiny_clip, single_thread):
     assert math.isclose(scores["clip_score"], 100 * (0.5 + 0 + 0.1) / 3, rel_tol=1e-6)
     assert math.isclose(scores["torchmetrics_clip_score"], 100 * 0.4 / 3, rel_tol=1e-6)
     assert clip_score(torch.tensor([-0.3, -0.1]))["torchmetrics_clip_score"] == 0.0
+
+
+def test_retrieval_top1_is_the_hand_computation(tiny_clip, single_thread):
+    x = structured_images(5)
+    captions = ["a red square", "a blue circle", "a red square", "a green triangle", "a small blue circle"]
+    distinct = ["a red square", "a blue circle", "a green triangle", "a small blue circle"]
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(tiny_clip.encode_image(x), dim=-1)
+        text = torch.nn.functional.normalize(tiny_clip.encode_text(distinct), dim=-1)
+    best = (image @ text.T).argmax(-1).tolist()
+    expected = sum(distinct[b] == c for b, c in zip(best, captions)) / 5
+    assert retrieval_top1(tiny_clip, x, captions, batch_size=2) == pytest.approx(expected)
 
 
 def test_to_uint8_rounds_like_the_saved_pngs():
