@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ from mmdit.metrics import (FID, MetricError, clip_cosines, clip_extractor, clip_
                            reconstruct, retrieval_top1, to_uint8)
 from mmdit.pipeline import TextToImagePipeline  # noqa: E402
 from mmdit.text_encoder import TextEncoderLoadError  # noqa: E402
+from mmdit.trainer import multi_cpu  # noqa: E402
 
 METRICS = ("fid", "clip", "composition", "recon")
 
@@ -249,8 +249,7 @@ def setup_scorers(args, device) -> tuple:
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     # `accelerate launch --multi_gpu` on a machine without accelerators: CPU processes over gloo, as train.py.
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator)
+    state = PartialState(cpu=multi_cpu())
     run = Path(args.model)
     if not (run / "config.yaml").is_file():
         raise EvalError(f"--model {run}: not a run directory (no config.yaml); accepted: a directory written by "

@@ -88,6 +88,13 @@ def resolve_mixed_precision(requested: str) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
+def multi_cpu() -> bool:
+    """True under `accelerate launch --multi_gpu` on a machine without accelerators: the processes must then be
+    told `cpu=True` to form one data-parallel group over gloo, instead of running as independent copies."""
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
+
+
 def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """The dataset rows shard `rank` of `world_size` trains on at `step`: a fresh permutation per epoch, a
     pure function of (step, seed), each shard taking its own slice of the global batch."""

@@ -38,7 +38,7 @@ from mmdit.grid import save_grid, to_pil
 from mmdit.pipeline import PipelineInfo, TextToImagePipeline
 from mmdit.text_encoder import CaptionCache, TextEncoder, TextEncoderLoadError
 from mmdit.trainer import (CheckpointError, TrainingDiverged, batch_indices, checkpoint_stage, fit,
-                           resolve_mixed_precision)
+                           multi_cpu, resolve_mixed_precision)
 from mmdit.vqvae import VQVAE, code_stats, psnr
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
@@ -316,10 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     check_inputs(cfg)
-    # `accelerate launch --multi_gpu` on a machine without accelerators: data parallel over CPU processes (gloo).
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision), cpu=multi_cpu,
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision), cpu=multi_cpu(),
                               log_with="tensorboard", project_dir=cfg.train.output_dir)
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError("FSDP is not supported by the training loop yet (the EMA, image grids and checkpoint "
