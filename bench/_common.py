@@ -25,6 +25,8 @@ from mmdit.dit import DiT, DiTConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GPU_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "imagefolder-256-gpu.yaml"
+DEVICE = torch.device("cpu")  # set once by set_device(), from the scripts' --device
 
 
 @dataclass
@@ -37,13 +39,17 @@ class Setting:
 
 
 def settings(mode: str) -> list[Setting]:
-    """The issue's matched config (batch 64, 8x8x8 latents, patch 1, width 256, depth 6, 16 tokens of 384) and
-    the project's default DiT stage (configs/shapes.yaml: same latents and text, its width/depth/batch)."""
+    """The issue's matched config (batch 64, 8x8x8 latents, patch 1, width 256, depth 6, 16 tokens of 384),
+    the project's default DiT stage (configs/shapes.yaml: same latents and text, its width/depth/batch), and
+    `gpu`: the DiT-B/2 stage of configs/imagefolder-256-gpu.yaml (32x32x8 latents, 77 CLIP-L tokens of 768)."""
     base = {"in_channels": 8, "input_size": 8, "patch_size": 1, "text_dim": 384, "mode": mode}
     cfg = load_config(DEFAULT_CONFIG)
     default = replace(cfg.dit, **base)
+    gpu = load_config(GPU_CONFIG)
+    big = replace(gpu.dit, in_channels=gpu.vqvae.code_dim, input_size=32, text_dim=768, mode=mode)
     return [Setting("matched", DiTConfig(width=256, depth=6, heads=4, **base), 64),
-            Setting("default", default, cfg.dit_train.batch_size, cfg.text_encoder.max_length)]
+            Setting("default", default, cfg.dit_train.batch_size, cfg.text_encoder.max_length),
+            Setting("gpu", big, gpu.dit_train.batch_size, gpu.text_encoder.max_length)]
 
 
 def set_threads(n: int) -> int:
@@ -51,7 +57,27 @@ def set_threads(n: int) -> int:
     return torch.get_num_threads()
 
 
+def set_device(name: str) -> torch.device:
+    """Where models and inputs live; on CUDA, TF32 for fp32 matmuls, as accelerate's default does not."""
+    global DEVICE
+    DEVICE = torch.device(name)
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: torch sees no CUDA device here; accepted: cpu")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return DEVICE
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that a timer measures it (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def machine() -> str:
+    if DEVICE.type == "cuda":
+        return (f"{torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                f"{os.cpu_count()} CPUs")
     model = platform.processor() or "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -67,6 +93,8 @@ def machine() -> str:
 
 def native_bf16() -> bool:
     """AMX / AVX512-BF16 (what `mixed_precision: auto` checks); without them bf16 runs reference kernels."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -75,8 +103,10 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(warmup + reps):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -85,9 +115,9 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1
 def matmul(dtype: torch.dtype, n: int | None = None) -> tuple[Callable[[], object], float]:
     """A square F.linear (the machine's attainable GEMM rate, by the kernel nn.Linear uses: MKL for fp32,
     oneDNN for bf16, which is ~4x faster than bf16 `a @ b` without native bf16) and its FLOPs. bf16 without
-    native support gets a smaller n to keep the run short."""
-    n = n or (2048 if dtype == torch.float32 or native_bf16() else 1024)
-    a, w = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    native support gets a smaller n to keep the run short; a GPU needs a large one to reach its peak."""
+    n = n or (8192 if DEVICE.type == "cuda" else 2048 if dtype == torch.float32 or native_bf16() else 1024)
+    a, w = (torch.randn(n, n, dtype=dtype, device=DEVICE) for _ in range(2))
     return (lambda: torch.nn.functional.linear(a, w)), 2.0 * n ** 3
 
 
@@ -97,7 +127,7 @@ def random_text(s: Setting, batch: int | None = None, seed: int = 0):
     text = torch.randn(b, s.text_len, s.cfg.text_dim, generator=g)
     lengths = torch.randint(6, s.text_len + 1, (b,), generator=g)
     mask = torch.arange(s.text_len)[None] < lengths[:, None]
-    return text, mask, torch.randn(b, s.cfg.text_dim, generator=g)
+    return text.to(DEVICE), mask.to(DEVICE), torch.randn(b, s.cfg.text_dim, generator=g).to(DEVICE)
 
 
 # --- the diffusers peers ----------------------------------------------------------------------------------
@@ -141,7 +171,7 @@ class DiffusersDiT(nn.Module):
 
 def build(impl: str, cfg: DiTConfig, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return DiT(cfg) if impl == "mmdit" else DiffusersDiT(cfg)
+    return (DiT(cfg) if impl == "mmdit" else DiffusersDiT(cfg)).to(DEVICE)
 
 
 def peer(mode: str) -> str:

@@ -2,13 +2,16 @@
 classifier-free guidance, VQ-VAE decode), mmdit's DiT against the same loop around diffusers' transformer.
 
     python bench/bench_sample.py [--run RUN_DIR] [--mode cross,joint] [--num-images 8] [--steps 25]
-                                 [--threads 1] [--reps 2] [--no-diffusers]
+                                 [--device cpu|cuda] [--dtype fp32|bf16] [--threads 1] [--reps 2]
+                                 [--no-diffusers]
 
 Without --run: a DiT with random weights at the speed issue's matched config (width 256, depth 6, heads 4,
 8x8x8 latents, patch 1, 16 tokens of dim 384), in both modes, with the VQ-VAE of runs/shapes when it is
 there (else a random one of the default config). With --run: that exported pipeline. Either way the
 diffusers peer (PixArt for cross, SD3 for joint) is built at the DiT's config and driven by the very same
 TextToImagePipeline.generate loop, so only the transformer differs; the two are timed interleaved.
+--device cuda puts the DiT and VQ-VAE on the GPU (the text encoder stays on the CPU); --dtype bf16 runs the
+calls under autocast.
 """
 from __future__ import annotations
 
@@ -17,14 +20,17 @@ import json
 import time
 from pathlib import Path
 
+import _common
 import torch
 from _common import (
     DEFAULT_CONFIG,
+    DTYPES,
     DiffusersDiT,
     build,
     interleaved,
     machine,
     peer,
+    set_device,
     set_threads,
     settings,
     table,
@@ -56,10 +62,13 @@ def pipelines(run: str | None, mode: str, with_diffusers: bool) -> dict[str, Tex
         matched = next(s for s in settings(mode) if s.name == "matched")
         pipe = TextToImagePipeline(build("mmdit", matched.cfg), vqvae, info,
                                    TextEncoder(info.text_encoder, max_length=info.max_length))
+    pipe.dit.to(_common.DEVICE)
+    pipe.vqvae.to(_common.DEVICE)
     out = {"mmdit": pipe}
     if with_diffusers:
         torch.manual_seed(0)
-        out[f"diffusers {peer(mode)}"] = TextToImagePipeline(DiffusersDiT(pipe.dit.cfg), pipe.vqvae, pipe.info,
+        out[f"diffusers {peer(mode)}"] = TextToImagePipeline(DiffusersDiT(pipe.dit.cfg).to(_common.DEVICE), pipe.vqvae,
+                                                            pipe.info,
                                                             pipe.text_encoder)
     return out
 
@@ -71,6 +80,8 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=8, help="prompts per pipeline call (one batch)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16: the calls run under autocast")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     p.add_argument("--reps", type=int, default=2, help="timed calls per pipeline (median)")
     p.add_argument("--no-diffusers", action="store_true", help="time mmdit alone")
@@ -78,6 +89,8 @@ def main() -> None:
     if not set(a.mode.split(",")) <= {"cross", "joint"}:
         p.error(f"--mode={a.mode!r}; accepted: a comma list of cross, joint")
     set_threads(a.threads)
+    device = set_device(a.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16")
     prompts = load_config(DEFAULT_CONFIG).dit_train.sample_prompts
     prompts = [prompts[i % len(prompts)] for i in range(a.num_images)]
     rows = []
@@ -86,9 +99,13 @@ def main() -> None:
         if not pipes:
             continue
         for pipe in pipes.values():  # warm-up: first-call allocations, text encoder load
-            pipe(prompts, num_steps=1, guidance_scale=a.guidance)
-        calls = {name: (lambda pipe=pipe: pipe(prompts, num_steps=a.steps, guidance_scale=a.guidance))
-                 for name, pipe in pipes.items()}
+            with autocast:
+                pipe(prompts, num_steps=1, guidance_scale=a.guidance)
+
+        def call(pipe):
+            with autocast:
+                return pipe(prompts, num_steps=a.steps, guidance_scale=a.guidance)
+        calls = {name: (lambda pipe=pipe: call(pipe)) for name, pipe in pipes.items()}
         start = time.perf_counter()
         seconds = interleaved(calls, a.reps, warmup=0)
         for name, sec in seconds.items():
@@ -99,7 +116,7 @@ def main() -> None:
             rows[-2]["note"] = f"x{seconds[rows[-1]['impl']] / seconds['mmdit']:.2f} vs {peer(mode)}"
         print(table(rows[-len(seconds):], ["mode", "impl", "s/call", "images/s"]),
               f"({time.perf_counter() - start:.0f}s)", flush=True)
-    print(f"\n# bench_sample: {machine()}; {a.steps} Euler steps, CFG {a.guidance} (batch 2 x images), "
+    print(f"\n# bench_sample: {machine()}; {a.dtype}; {a.steps} Euler steps, CFG {a.guidance} (batch 2 x images), "
           f"{'run ' + a.run if a.run else 'random matched-config DiT'}; median of {a.reps} interleaved calls")
     print(table(rows, ["mode", "impl", "width", "depth", "images", "s/call", "images/s", "note"]))
 

@@ -1,11 +1,12 @@
 """Benchmark one DiT training step: forward + backward + grad clip + AdamW (fused) + EMA (foreach lerp), as
 mmdit/trainer.py's fit runs it, on random inputs.
 
-    python bench/bench_train.py [--setting matched,default] [--mode cross,joint] [--dtype fp32,bf16]
-                                [--threads 1] [--reps 3] [--compare-diffusers] [--compile]
+    python bench/bench_train.py [--setting matched,default,gpu] [--mode cross,joint] [--dtype fp32,bf16]
+                                [--device cpu|cuda] [--threads 1] [--reps 3] [--compare-diffusers] [--compile]
 
 Settings: `matched` = the speed issue's config (batch 64, 8x8x8 latents, patch 1, width 256, depth 6,
-heads 4, 16 text tokens of dim 384); `default` = the DiT stage of configs/shapes.yaml. Per row: ms/step,
+heads 4, 16 text tokens of dim 384); `default` = the DiT stage of configs/shapes.yaml; `gpu` = the DiT-B/2
+stage of configs/imagefolder-256-gpu.yaml (32x32x8 latents, 77 tokens of 768, batch 64). Per row: ms/step,
 samples/s, FLOPs of a step (torch FlopCounterMode: matmuls, convolutions, attention), the GFLOP/s achieved
 and its fraction of a square matmul of the same dtype timed interleaved with the steps (this machine's
 attainable GEMM rate, under the same load), the activations saved for backward (saved_tensors_hooks,
@@ -13,9 +14,11 @@ unique storages, parameters excluded) and weights + grads + AdamW moments + EMA.
 adds diffusers' PixArtTransformer2DModel (cross) / SD3Transformer2DModel (joint) at the same config,
 interleaved, the ratio mmdit/diffusers in samples/s, and the ratio's bound: diffusers' step time over
 mmdit's FLOPs at the matmul peak (no implementation of the same model can beat it). `--compile` adds
-torch.compile'd mmdit with its compile time. bf16 = autocast, as accelerate's mixed_precision=bf16; on a
-CPU without native bf16 (AMX / AVX512-BF16) it runs at `--bf16-batch` (default 2): a full step would take
-minutes.
+torch.compile'd mmdit with its compile time (fp32, and bf16 where the device runs it natively).
+bf16 = autocast, as accelerate's mixed_precision=bf16; on a CPU without native bf16 (AMX / AVX512-BF16)
+it runs at `--bf16-batch` (default 2): a full step would take minutes. `--device cuda`: every timed call
+ends with a synchronize, fp32 matmuls use TF32, the peak is an 8192^2 product of the same dtype, and
+gpu_peak_MB is the allocator's peak over one step.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import argparse
 import resource
 import time
 
+import _common
 import torch
 from _common import (
     DTYPES,
@@ -34,6 +38,7 @@ from _common import (
     native_bf16,
     peer,
     random_text,
+    set_device,
     set_threads,
     settings,
     table,
@@ -54,7 +59,8 @@ def inputs(s: Setting, batch: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     c = s.cfg
     x0 = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=g)
-    return (x0, sample_t(batch, generator=g), torch.randn(x0.shape, generator=g), *random_text(s, batch, seed))
+    x0, t, noise = (v.to(_common.DEVICE) for v in (x0, sample_t(batch, generator=g), torch.randn(x0.shape, generator=g)))
+    return (x0, t, noise, *random_text(s, batch, seed))
 
 
 def loss_of(model, batch_inputs) -> torch.Tensor:
@@ -69,7 +75,7 @@ def train_step(model, batch_inputs, dtype: torch.dtype):
     ema = [p.detach().clone() for p in params]
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.autocast(_common.DEVICE.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = loss_of(model, batch_inputs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -110,6 +116,12 @@ def bench(s: Setting, dtype_name: str, impls: list[str], reps: int, compile_: bo
     steps = {impl: train_step(m, batch_inputs, dtype) for impl, m in models.items()}
     flops = {impl: step_flops(m, s) * batch for impl, m in models.items()}
     mem = {impl: saved_mb(m, steps[impl]) for impl, m in models.items()}  # also the warmup step
+    gpu_mem = {}
+    if _common.DEVICE.type == "cuda":  # peak allocated over a step of each: activations + state + workspace
+        for impl, step in steps.items():
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            gpu_mem[impl] = torch.cuda.max_memory_allocated() / 2 ** 20
     notes = {}
     if compile_:
         models["mmdit+compile"] = torch.compile(models["mmdit"])
@@ -118,6 +130,10 @@ def bench(s: Setting, dtype_name: str, impls: list[str], reps: int, compile_: bo
         start = time.perf_counter()
         steps["mmdit+compile"]()  # compiles forward and backward
         notes["mmdit+compile"] = time.perf_counter() - start
+        if _common.DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            steps["mmdit+compile"]()
+            gpu_mem["mmdit+compile"] = torch.cuda.max_memory_allocated() / 2 ** 20
     mm, mm_flops = matmul(dtype)
     seconds = interleaved({**steps, "matmul": mm}, reps, warmup=0)
     peak = mm_flops / seconds["matmul"] / 1e9
@@ -130,7 +146,8 @@ def bench(s: Setting, dtype_name: str, impls: list[str], reps: int, compile_: bo
                "params_M": n_params / 1e6, "ms/step": 1e3 * sec, "samples/s": batch / sec,
                "GFLOP/step": flops[impl] / 1e9, "GFLOP/s": flops[impl] / sec / 1e9,
                "%peak": 100 * flops[impl] / sec / 1e9 / peak, "peak_GFLOP/s": peak,
-               "saved_MB": mem[impl], "state_MB": 5 * 4 * n_params / 2 ** 20}  # w, grad, 2 moments, EMA
+               "saved_MB": mem[impl], "state_MB": 5 * 4 * n_params / 2 ** 20,  # w, grad, 2 moments, EMA
+               "gpu_peak_MB": gpu_mem.get(impl)}
         if impl in notes:
             row["note"] = f"compile {notes[impl]:.0f}s, x{seconds['mmdit'] / sec:.2f} vs eager"
         rows.append(row)
@@ -143,7 +160,8 @@ def bench(s: Setting, dtype_name: str, impls: list[str], reps: int, compile_: bo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setting", default="matched,default", help="comma list of: matched, default")
+    p.add_argument("--setting", default="matched,default", help="comma list of: matched, default, gpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--mode", default="cross,joint", help="comma list of: cross, joint")
     p.add_argument("--dtype", default="fp32,bf16", help="comma list of: fp32, bf16")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
@@ -152,24 +170,27 @@ def main() -> None:
     p.add_argument("--compare-diffusers", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd mmdit (fp32)")
     a = p.parse_args()
-    for name, value, accepted in (("--setting", a.setting, {"matched", "default"}),
+    for name, value, accepted in (("--setting", a.setting, {"matched", "default", "gpu"}),
                                   ("--mode", a.mode, {"cross", "joint"}), ("--dtype", a.dtype, set(DTYPES))):
         if not set(value.split(",")) <= accepted:
             p.error(f"{name}={value!r}; accepted: a comma list of {', '.join(sorted(accepted))}")
     set_threads(a.threads)
+    set_device(a.device)
     impls = ["mmdit", "diffusers"] if a.compare_diffusers else ["mmdit"]
     rows = []
     for setting_name in a.setting.split(","):
         for mode in a.mode.split(","):
             s = next(x for x in settings(mode) if x.name == setting_name)
             for dtype_name in a.dtype.split(","):
-                rows += bench(s, dtype_name, impls, a.reps, a.compile and dtype_name == "fp32", a.bf16_batch)
-                print(table(rows[-len(impls) - (a.compile and dtype_name == "fp32"):],
+                compile_ = a.compile and (dtype_name == "fp32" or native_bf16())
+                rows += bench(s, dtype_name, impls, a.reps, compile_, a.bf16_batch)
+                print(table(rows[-len(impls) - compile_:],
                             ["setting", "mode", "dtype", "impl", "ms/step", "samples/s"]), flush=True)
     print(f"\n# bench_train: {machine()}; median of {a.reps} interleaved steps; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     print(table(rows, ["setting", "mode", "dtype", "impl", "batch", "params_M", "ms/step", "samples/s", "GFLOP/step",
-                       "GFLOP/s", "peak_GFLOP/s", "%peak", "saved_MB", "state_MB", "note"]))
+                       "GFLOP/s", "peak_GFLOP/s", "%peak", "saved_MB", "state_MB",
+                       *(["gpu_peak_MB"] if a.device != "cpu" else []), "note"]))
 
 
 if __name__ == "__main__":

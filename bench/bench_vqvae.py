@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train.train import main as train_main  # noqa: E402
-
-from mmdit.config import load_config  # noqa: E402
+from mmdit.config import load_config
+from train.train import main as train_main
 
 
 def main() -> None:

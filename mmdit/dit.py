@@ -130,8 +130,10 @@ class RMSNorm(nn.RMSNorm):
     ~12 elementwise kernels (forward + backward): this one takes ~20% less time per QK-norm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":  # CUDA has a fused kernel
-            return super().forward(x)
+        if x.device.type != "cpu":
+            # CUDA's fused kernel needs the weight in the input's dtype: under bf16 autocast, an fp32 weight
+            # sends F.rms_norm down an unfused path that also saves fp32 intermediates for backward.
+            return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
         return _RMSNormCPU.apply(x, self.weight, self.eps)
 
 

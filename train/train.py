@@ -208,7 +208,7 @@ def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path) -> None:
     (cache / "stats.json").write_text(json.dumps(stats, indent=2))
 
     with torch.no_grad():  # validation metrics, from the cached indices
-        recon = torch.cat([vqvae.decode_indices(val_idx[i:i + 256].long()) for i in range(0, len(val_idx), 256)])
+        recon = torch.cat([vqvae.decode_indices(val_idx[i:i + 256].long()).cpu() for i in range(0, len(val_idx), 256)])
     real = val.images.float() / 127.5 - 1
     counts = torch.bincount(val_idx.flatten().long(), minlength=cfg.vqvae.codebook_size).float()
     metrics = {"psnr": psnr(real, recon).mean().item(), **{k: v.item() for k, v in code_stats(counts).items()}}
