@@ -31,7 +31,6 @@ from pathlib import Path
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,7 +38,7 @@ from mmdit.clip import OPENAI_MEAN, OPENAI_STD, CLIPLoadError, load_clip, save_o
 from mmdit.config import ArgumentParser, ConfigError, load_config, run_cli  # noqa: E402
 from mmdit.data.loader import DataError, ImageCaptions, dataset_source, ensure_dataset, pick_caption  # noqa: E402
 from mmdit.data.shapes import ATTRIBUTES  # noqa: E402
-from mmdit.metrics import FID, add_noise, clip_extractor  # noqa: E402
+from mmdit.metrics import FID, add_noise, clip_extractor, image_features, retrieve, text_features  # noqa: E402
 from mmdit.trainer import StageConfig, batch_indices, fit, resolve_mixed_precision  # noqa: E402
 
 NOISE_LEVELS = (4, 8, 16, 32)  # std of the added pixel noise, in 0..255 units
@@ -87,13 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def retrieval(clip, data: ImageCaptions, batch: int = 64) -> dict:
     """Image->text top-1 on a split the CLIP did not train on (see the module docstring for the two protocols)."""
     captions = [c[0] for c in data.captions]
-    image = F.normalize(torch.cat([clip.encode_image(data.images[i:i + 256])
-                                   for i in range(0, len(data.images), 256)]), dim=-1)
-    distinct = list(dict.fromkeys(captions))
-    text = F.normalize(torch.cat([clip.encode_text(distinct[i:i + 256]) for i in range(0, len(distinct), 256)]), dim=-1)
-    retrieved = [distinct[j] for j in (image @ text.T).argmax(-1).tolist()]
+    image = image_features(clip, data.images, 256)  # (N, D)
+    retrieved = retrieve(image, captions, clip, 256)
     exact = [r == c for r, c in zip(retrieved, captions)]
-    report = {"n_images": len(captions), "n_candidates": len(distinct),
+    report = {"n_images": len(captions), "n_candidates": len(set(captions)),
               "all_captions_exact_top1": sum(exact) / len(exact)}
     if all(a in data.columns for a in ATTRIBUTES):  # shapes: a paraphrase with the same attributes is a hit
         attrs = [tuple(data.columns[a][i] for a in ATTRIBUTES) for i in range(len(captions))]
@@ -107,8 +103,8 @@ def retrieval(clip, data: ImageCaptions, batch: int = 64) -> dict:
                 report[f"{name}_combinations"] = {"n": len(keep), "all_captions_attributes_top1": top1}
     hits = 0
     for start in range(0, len(captions) - batch + 1, batch):  # whole batches only
-        text_b = F.normalize(clip.encode_text(captions[start:start + batch]), dim=-1)
-        pick = (image[start:start + batch] @ text_b.T).argmax(-1).tolist()
+        pick = (image[start:start + batch] @ text_features(clip, captions[start:start + batch], batch).T).argmax(-1)
+        pick = pick.tolist()
         hits += sum(captions[start + j] == captions[start + i] for i, j in enumerate(pick))
     report[f"batch{batch}_top1"] = hits / (len(captions) // batch * batch)
     return report

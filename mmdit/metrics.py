@@ -180,14 +180,22 @@ class FID:
 # CLIP score and reconstruction quality.
 
 @torch.no_grad()
+def image_features(clip: CLIP, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> unit-norm image embeddings (N, D), on the CPU."""
+    return F.normalize(torch.cat([clip.encode_image(images[i:i + batch_size]).cpu()
+                                  for i in range(0, len(images), batch_size)]), dim=-1)
+
+
+@torch.no_grad()
+def text_features(clip: CLIP, captions: list[str], batch_size: int = 100) -> torch.Tensor:
+    """N captions -> unit-norm text embeddings (N, D), on the CPU."""
+    return F.normalize(torch.cat([clip.encode_text(captions[i:i + batch_size]).cpu()
+                                  for i in range(0, len(captions), batch_size)]), dim=-1)
+
+
 def clip_cosines(clip: CLIP, images: torch.Tensor, captions: list[str], batch_size: int = 100) -> torch.Tensor:
     """Cosine similarity of each image with its own caption: uint8 (N, 3, H, W), N captions -> (N,)."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        image = F.normalize(clip.encode_image(images[i:i + batch_size]), dim=-1)
-        text = F.normalize(clip.encode_text(captions[i:i + batch_size]), dim=-1)
-        out.append((image * text).sum(-1).cpu())
-    return torch.cat(out)
+    return (image_features(clip, images, batch_size) * text_features(clip, captions, batch_size)).sum(-1)
 
 
 def clip_score(cosines: torch.Tensor) -> dict[str, float]:
@@ -195,16 +203,18 @@ def clip_score(cosines: torch.Tensor) -> dict[str, float]:
             "torchmetrics_clip_score": max(100 * cosines.mean().item(), 0.0)}
 
 
+def retrieve(image: torch.Tensor, captions: list[str], clip: CLIP, batch_size: int = 100) -> list[str]:
+    """Image features (N, D) from image_features -> for each, the caption the CLIP ranks first among the set's
+    distinct captions (image->text retrieval)."""
+    distinct = list(dict.fromkeys(captions))
+    return [distinct[j] for j in (image @ text_features(clip, distinct, batch_size).T).argmax(-1).tolist()]
+
+
 def retrieval_top1(clip: CLIP, images: torch.Tensor, captions: list[str], batch_size: int = 100) -> float:
     """Image->text top-1 among the set's distinct captions (a hit = the image's own caption): does the CLIP
     still recognise each image? Compared between real images and their reconstructions."""
-    distinct = list(dict.fromkeys(captions))
-    text = F.normalize(torch.cat([clip.encode_text(distinct[i:i + batch_size]).cpu()
-                                  for i in range(0, len(distinct), batch_size)]), dim=-1)  # (C, D)
-    image = F.normalize(torch.cat([clip.encode_image(images[i:i + batch_size]).cpu()
-                                   for i in range(0, len(images), batch_size)]), dim=-1)  # (N, D)
-    own = torch.tensor([distinct.index(c) for c in captions])
-    return ((image @ text.T).argmax(-1) == own).float().mean().item()
+    retrieved = retrieve(image_features(clip, images, batch_size), captions, clip, batch_size)
+    return sum(r == c for r, c in zip(retrieved, captions)) / len(captions)
 
 
 @torch.no_grad()
