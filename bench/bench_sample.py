@@ -16,6 +16,7 @@ calls under autocast.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -105,7 +106,7 @@ def main() -> None:
         def call(pipe):
             with autocast:
                 return pipe(prompts, num_steps=a.steps, guidance_scale=a.guidance)
-        calls = {name: (lambda pipe=pipe: call(pipe)) for name, pipe in pipes.items()}
+        calls = {name: functools.partial(call, pipe) for name, pipe in pipes.items()}
         start = time.perf_counter()
         seconds = interleaved(calls, a.reps, warmup=0)
         for name, sec in seconds.items():

@@ -108,6 +108,15 @@ def saved_mb(model, step) -> float:
     return sum(seen.values()) / 2 ** 20
 
 
+def gpu_peak_mb(step) -> float | None:
+    """MB the CUDA allocator peaks at over one more `step` (activations + state + workspace); None on the CPU."""
+    if _common.DEVICE.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    return torch.cuda.max_memory_allocated() / 2 ** 20
+
+
 def bench(s: Setting, dtype_name: str, impls: list[str], reps: int, compile_: bool, bf16_batch: int) -> list[dict]:
     dtype = DTYPES[dtype_name]
     batch = s.batch if dtype == torch.float32 or native_bf16() else bf16_batch
@@ -116,12 +125,7 @@ def bench(s: Setting, dtype_name: str, impls: list[str], reps: int, compile_: bo
     steps = {impl: train_step(m, batch_inputs, dtype) for impl, m in models.items()}
     flops = {impl: step_flops(m, s) * batch for impl, m in models.items()}
     mem = {impl: saved_mb(m, steps[impl]) for impl, m in models.items()}  # also the warmup step
-    gpu_mem = {}
-    if _common.DEVICE.type == "cuda":  # peak allocated over a step of each: activations + state + workspace
-        for impl, step in steps.items():
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            gpu_mem[impl] = torch.cuda.max_memory_allocated() / 2 ** 20
+    gpu_mem = {impl: gpu_peak_mb(step) for impl, step in steps.items()}
     notes = {}
     if compile_:
         models["mmdit+compile"] = torch.compile(models["mmdit"])
@@ -130,10 +134,7 @@ def bench(s: Setting, dtype_name: str, impls: list[str], reps: int, compile_: bo
         start = time.perf_counter()
         steps["mmdit+compile"]()  # compiles forward and backward
         notes["mmdit+compile"] = time.perf_counter() - start
-        if _common.DEVICE.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            steps["mmdit+compile"]()
-            gpu_mem["mmdit+compile"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        gpu_mem["mmdit+compile"] = gpu_peak_mb(steps["mmdit+compile"])
     mm, mm_flops = matmul(dtype)
     seconds = interleaved({**steps, "matmul": mm}, reps, warmup=0)
     peak = mm_flops / seconds["matmul"] / 1e9
