@@ -300,6 +300,7 @@ class DiT(nn.Module):
         else:
             self.blocks = nn.ModuleList(JointBlock(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth))
         self.final = FinalLayer(cfg)
+        self._no_split_modules = [type(self.blocks[0]).__name__]  # FSDP shards each block as a unit (accelerate)
         # Derived from the config, so not saved with the weights.
         if cfg.pos_embed == "sincos":
             self.register_buffer("pos", sincos_2d(w, grid)[None], persistent=False)  # (1, N, W)

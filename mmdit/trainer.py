@@ -5,8 +5,10 @@ resume, a guard against non-finite steps, and a clean stop on SIGTERM / SIGINT.
 A stage supplies only what differs: the model, a `loss_fn(model, batch) -> (loss, logs)`, a
 `get_batch(step, shard, num_shards)` that is a pure function of its arguments (so a resumed run sees
 exactly the batches it would have seen; `shard` numbers this process's accumulation micro-batch among all
-of the step's, `num_shards` = processes x accumulation steps), and optionally `on_image(step)` / an EMA
-model / a `data_state` (a streamed dataset's position: `state_dict()` / `load_state_dict()`, JSON-able).
+of the step's, `num_shards` = processes x accumulation steps), and optionally `on_image(step, model)` (on the main
+process, with the model's whole weights) / an EMA model / a `data_state` (a streamed dataset's position:
+`state_dict()` / `load_state_dict()`, JSON-able). Under FSDP the loop gathers whole weights where it needs
+them (mmdit/fsdp.py); the stage code is the same.
 
 What makes a resumed run bitwise equal to an uninterrupted one: the checkpoint holds the model, the
 optimizer, the grad scaler, every RNG (accelerate's save_state), the EMA weights and the step; the
@@ -14,6 +16,7 @@ learning rate and the data order are pure functions of the step.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -32,8 +35,10 @@ from accelerate.logging import get_logger
 from accelerate.utils import load as load_pickled
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from mmdit import fsdp
 from mmdit.weights import check_shapes, cpu_state
 
 log = get_logger("mmdit.train")
@@ -142,9 +147,10 @@ class Checkpoints:
     finished writing, so a kill at any moment (also mid-save) leaves the previous checkpoints intact."""
 
     def __init__(self, directory: Path, keep: int, stage: str = "", model: torch.nn.Module | None = None,
-                 ema: torch.nn.Module | None = None, data_state=None):
+                 ema: torch.nn.Module | None = None, data_state=None, sharded: tuple | None = None):
         self.dir, self.keep, self.stage = Path(directory), keep, stage
         self.model, self.ema, self.data_state = model, ema, data_state  # model: unwrapped, for a shape check
+        self.sharded = sharded  # under FSDP: (the prepared model, the torch optimizer), saved by mmdit.fsdp
 
     def all(self) -> list[Path]:
         return sorted(p for p in self.dir.glob("step-*") if (p / "step.json").is_file())
@@ -156,7 +162,10 @@ class Checkpoints:
             for stale in self.dir.glob(".tmp-step-*"):  # left by a save that was killed
                 shutil.rmtree(stale, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        if self.sharded:
+            fsdp.save_state(accelerator, *self.sharded, tmp)
+        else:
+            accelerator.save_state(str(tmp), safe_serialization=True)
         if self.data_state is not None:
             (tmp / f"data_state_{accelerator.process_index}.json").write_text(json.dumps(self.data_state.state_dict()))
         accelerator.wait_for_everyone()  # every process's files are in `tmp` before it becomes a checkpoint
@@ -179,7 +188,10 @@ class Checkpoints:
             with safe_open(str(path / "model.safetensors"), "pt") as f:
                 check_shapes({k: f.get_slice(k).get_shape() for k in f.keys()}, self.model.state_dict(),
                              path / "model.safetensors")
-        accelerator.load_state(str(path))
+        if self.sharded:
+            fsdp.load_state(accelerator, *self.sharded, path)
+        else:
+            accelerator.load_state(str(path))
         if self.ema is not None:
             self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
         if self.data_state is not None:
@@ -311,7 +323,7 @@ class BadSteps:
 def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageConfig,
         get_batch: Callable[[int, int, int], object],
         loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]], out_dir: Path,
-        on_image: Callable[[int], None] | None = None, ema: torch.nn.Module | None = None,
+        on_image: Callable[[int, torch.nn.Module], None] | None = None, ema: torch.nn.Module | None = None,
         ema_decay: float = 0.999, resume: str = "auto", data_state=None) -> torch.nn.Module:
     """Train `model` for `cfg.steps` optimizer steps, resuming from `out_dir/checkpoints` as `resume` says
     (see Checkpoints.resume); returns the unwrapped model. `ema`, a copy of the model, tracks an
@@ -323,17 +335,32 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
                                   fused=True)
     accelerator.free_memory()  # forget earlier stages' objects: a checkpoint holds this stage's alone
     accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+    sharded = fsdp.is_fsdp(accelerator)
+    if sharded:  # a plain copy, made before sharding, to hold the whole weights when they are gathered
+        units = fsdp.set_wrap_classes(accelerator, model)
+        whole = copy.deepcopy(model).to(accelerator.device)
     # No scheduler object: the learning rate is set from the step (exact on resume, and accelerate's
     # prepared scheduler would step once per process per optimizer step).
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_optimizer, device = optimizer.optimizer, accelerator.device
-    checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints, name, accelerator.unwrap_model(model),
-                              ema, data_state)
-    if ema is not None:
-        ema.requires_grad_(False)
-        ema_params = list(ema.parameters())
-        live_params = list(accelerator.unwrap_model(model).parameters())
+    plain = whole if sharded else accelerator.unwrap_model(model)
+    if sharded:
+        log.info(f"{name}: FSDP over {accelerator.num_processes} processes, {units}")
+    checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints, name, plain, ema, data_state,
+                              (model, raw_optimizer) if sharded else None)
     start = checkpoints.resume(accelerator, resume)
+    live = list(model.parameters())  # shards (DTensors) under FSDP
+    if ema is not None:  # updated where the parameters are: whole tensors, or each process's shards
+        ema.requires_grad_(False)
+        ema_params = fsdp.shard_like(list(ema.parameters()), live) if sharded else list(ema.parameters())
+        ema_local, live_local = fsdp.local(ema_params), fsdp.local(live)
+
+    def gather(with_model: bool) -> None:
+        """Under FSDP, whole weights into `ema` (and `whole`) from the shards: all processes, same step."""
+        if sharded and ema is not None:
+            fsdp.gather_into(ema, ema_params)
+        if sharded and with_model:
+            fsdp.gather_into(whole, live)
     bad_steps = BadSteps(cfg.log_every, device, start)
     accelerator.step = 0  # accumulation counter: a step always runs all its micro-batches
     if start:
@@ -356,13 +383,16 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
                     accelerator.backward(loss)
                 loss_sum += loss.detach().float()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
             bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
             raw_optimizer.found_inf = bad.float()  # (a grad scaler, under fp16, sets its own)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:  # a short warmup so early EMA weights are not mostly the random init
                 weight = (1 - min(ema_decay, (1 + step) / (10 + step))) * (~bad).float()  # 0 on a skipped step
-                torch._foreach_lerp_(ema_params, live_params, [weight] * len(ema_params))
+                with torch.no_grad():  # else each update would extend an autograd graph through the EMA
+                    torch._foreach_lerp_(ema_local, live_local, [weight] * len(ema_local))
             bad_steps.record(step, bad)
             done = step + 1
             stopping = stop.requested()
@@ -374,6 +404,7 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
                                 f"(weights unchanged): {skipped[:10]}{' ...' if len(skipped) > 10 else ''}; "
                                 f"{bad_steps.total} so far")
                 if streak >= cfg.max_bad_steps:
+                    gather(with_model=False)
                     path = checkpoints.save(accelerator, done)
                     accelerator.end_training()
                     raise TrainingDiverged(
@@ -390,9 +421,13 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
                 accelerator.log(scalars, step=done)
                 bar.set_postfix(loss=f"{scalars[f'{name}/loss']:.4f}", refresh=False)
                 tick, tick_step = now, done
-            if on_image is not None and accelerator.is_main_process and (done % cfg.image_every == 0 or done == cfg.steps):
-                on_image(done)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+            image_now = on_image is not None and (done % cfg.image_every == 0 or done == cfg.steps)
+            checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping
+            if image_now or checkpoint_now:
+                gather(with_model=image_now)
+            if image_now and accelerator.is_main_process:
+                on_image(done, plain)
+            if checkpoint_now:
                 path = checkpoints.save(accelerator, done)
             if stopping:
                 bar.close()
@@ -400,4 +435,5 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
                             "Run the same command again to resume")
                 accelerator.end_training()
                 raise SystemExit(0)
-    return accelerator.unwrap_model(model)
+    gather(with_model=True)
+    return plain

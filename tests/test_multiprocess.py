@@ -1,7 +1,9 @@
 """Data-parallel training over 2 CPU processes (`accelerate launch --multi_gpu --num_processes 2`, gloo):
 identical weights on both ranks, the same result as 1 process with the same global batch, every row of a
 step's global batch trained on exactly once, and files written by the main process only. The 2-process run
-also accumulates gradients (2 micro-batches) and checkpoints activations (dit.grad_checkpointing)."""
+also accumulates gradients (2 micro-batches) and checkpoints activations (dit.grad_checkpointing).
+FSDP (accelerate's FSDP2) over the same 2 CPU processes: the same weights as 1 process, checkpoints as
+safetensors, and a bitwise-exact resume."""
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 DRIVER = """
 import json, os, sys
 import train.train as tt
+import mmdit.fsdp
 import mmdit.trainer as trainer
 from safetensors.torch import save_file
 from mmdit.weights import cpu_state
@@ -62,6 +65,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(script: Path, *args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` 2 CPU processes; asserts they exit 0."""
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(script), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def test_two_processes_match_one_process_and_write_once(tiny_run, tmp_path):
     root = tmp_path / "two"  # the tiny run's data, caption cache, VQ-VAE and latent cache; the DiT from scratch
     shutil.copytree(tiny_run.parent, root, ignore=shutil.ignore_patterns("dit", "tensorboard", "*.png"))
@@ -69,13 +83,7 @@ def test_two_processes_match_one_process_and_write_once(tiny_run, tmp_path):
     # The tiny run: 1 process, batch 8. Here: 2 processes x 2 accumulated micro-batches of 2 = the same 8.
     args = tiny_args(root, "train.stage=dit", "dit_train.batch_size=2", "dit_train.gradient_accumulation_steps=2",
                      "dit.grad_checkpointing=true")
-    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*launch, str(tmp_path / "driver.py"), str(tmp_path), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = launch(tmp_path / "driver.py", str(tmp_path), *args)
 
     weights = [load_file(tmp_path / f"weights-{rank}.safetensors") for rank in range(2)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the ranks never drift apart
@@ -100,3 +108,79 @@ def test_two_processes_match_one_process_and_write_once(tiny_run, tmp_path):
     assert sorted(p.name for p in two.iterdir()) == ["ema.safetensors", "model.safetensors", "optimizer.bin",
                                                       "random_states_0.pkl", "random_states_1.pkl", "step.json"]
     assert proc.stderr.count("dit: exported the pipeline") == 1  # logs from the main process only
+
+
+# accelerate only turns FSDP on for accelerators (MULTI_CPU is not an FSDP type), so this driver switches the
+# 2-process CPU state to FSDP2 with the shipped config's plugin settings: accelerate's own FSDP2 code then
+# shards the model over gloo, as it does over NCCL. It records which files each process writes.
+FSDP_DRIVER = """
+import json, os, sys, yaml
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+import train.train as tt
+import mmdit.fsdp
+import mmdit.trainer as trainer
+
+fsdp = yaml.safe_load(open("configs/accelerate/fsdp-full-shard.yaml"))["fsdp_config"]
+assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT", fsdp
+real_accelerator, real_save_file, written = tt.Accelerator, trainer.save_file, []
+
+def Accelerator(*args, **kwargs):
+    accelerator = real_accelerator(*args, **kwargs)
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=fsdp["fsdp_reshard_after_forward"],
+        auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower())
+    accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
+
+def save_file(tensors, path, *args, **kwargs):
+    written.append(path)
+    return real_save_file(tensors, path, *args, **kwargs)
+
+tt.Accelerator, trainer.save_file, mmdit.fsdp.save_file = Accelerator, save_file, save_file
+code = tt.cli(sys.argv[2:])
+json.dump(written, open(f"{sys.argv[1]}-{os.environ['RANK']}.json", "w"))
+sys.exit(code)
+"""
+
+
+def test_fsdp_matches_one_process_checkpoints_safetensors_and_resumes_exactly(tiny_run, tmp_path):
+    root = tmp_path / "fsdp"  # the tiny run's VQ-VAE and latent cache; the DiT from scratch, sharded
+    shutil.copytree(tiny_run.parent, root, ignore=shutil.ignore_patterns("dit", "tensorboard", "*.png"))
+    (tmp_path / "driver.py").write_text(FSDP_DRIVER)
+    # 2 processes x 2 accumulated micro-batches of 2 = the tiny run's batch of 8; activations checkpointed.
+    sharding = ["train.stage=dit", "dit_train.batch_size=2", "dit_train.gradient_accumulation_steps=2",
+                "dit.grad_checkpointing=true"]
+    args = tiny_args(root, *sharding)
+    proc = launch(tmp_path / "driver.py", str(tmp_path / "written"), *args)
+    assert "dit: FSDP over 2 processes, each CrossBlock a unit" in proc.stderr
+    written = [json.loads((tmp_path / f"written-{rank}.json").read_text()) for rank in range(2)]
+    assert written[1] == []  # whole weights are gathered to, and written by, the main process only
+    assert {Path(p).name for p in written[0]} == {"model.safetensors", "optimizer.safetensors", "ema.safetensors"}
+    checkpoints = root / "run" / "dit" / "checkpoints"
+    one, two = tiny_run / "dit" / "checkpoints" / "step-00000010", checkpoints / "step-00000010"
+    for name in ("model", "ema"):  # sharded over 2 processes, the same weights as whole on 1
+        a, b = load_file(one / f"{name}.safetensors"), load_file(two / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=f"{name} {key}")
+    # Whole weights and optimizer state as safetensors; the only pickles are accelerate's RNG states.
+    assert sorted(p.name for p in two.iterdir()) == ["ema.safetensors", "model.safetensors", "optimizer.json",
+                                                      "optimizer.safetensors", "random_states_0.pkl",
+                                                      "random_states_1.pkl", "step.json"]
+    optimizer = load_file(two / "optimizer.safetensors")
+    assert {k.rsplit(":", 1)[1] for k in optimizer} == {"exp_avg", "exp_avg_sq", "step"}
+    assert len(optimizer) == 3 * len(load_file(two / "model.safetensors"))
+    exported = load_file(root / "run" / "dit" / "model" / "model.safetensors")  # the export is the whole EMA
+    assert all(torch.equal(exported[k], v) for k, v in load_file(two / "ema.safetensors").items())
+
+    # Resume from step 5 in a copy: steps 6-10 again, bitwise the same model, EMA and optimizer state.
+    again = tmp_path / "again"
+    shutil.copytree(root, again)
+    args = tiny_args(again, *sharding, f"train.resume={again}/run/dit/checkpoints/step-00000005")
+    proc = launch(tmp_path / "driver.py", str(tmp_path / "again"), *args)
+    assert "resumed from step 5" in proc.stderr
+    for name in ("model", "ema", "optimizer"):
+        a = load_file(two / f"{name}.safetensors")
+        b = load_file(again / "run" / "dit" / "checkpoints" / "step-00000010" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from mmdit import latents
 from mmdit.config import ArgumentParser, Config, ConfigError, DataConfig, check_writable, load_config, run_cli
@@ -179,8 +179,7 @@ def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path) -> None:
         return loss, {"l1": l1.detach(), "mse": mse.detach(), "commit": commit.detach(),
                       "psnr": psnr(x, recon.detach()).mean(), **stats}
 
-    def on_image(step: int) -> None:
-        model = accelerator.unwrap_model(vqvae)
+    def on_image(step: int, model: VQVAE) -> None:
         model.eval()
         with torch.no_grad():
             recon = model.decode(model.encode(fixed.to(accelerator.device))[0])
@@ -268,7 +267,7 @@ def train_dit(cfg: Config, accelerator: Accelerator, out: Path, cache: CaptionCa
                         cfg.sample.snap_to_codes)
     prompts = tcfg.sample_prompts
 
-    def on_image(step: int, path: Path | None = None) -> None:
+    def on_image(step: int, model: DiT | None = None, path: Path | None = None) -> None:  # shows the EMA
         pipe = TextToImagePipeline(ema, vqvae, info)
         per_prompt = 6
         images = to_pil(pipe.generate(cache.get([p for p in prompts for _ in range(per_prompt)]), cache.get([""]),
@@ -282,7 +281,7 @@ def train_dit(cfg: Config, accelerator: Accelerator, out: Path, cache: CaptionCa
         resume=cfg.train.resume)
     if accelerator.is_main_process:
         TextToImagePipeline(ema, vqvae, info).save_pretrained(out)
-        on_image(tcfg.steps, out / "samples.png")
+        on_image(tcfg.steps, path=out / "samples.png")
         log.info(f"dit: exported the pipeline to {out}; samples in {out / 'samples.png'}")
 
 
@@ -318,9 +317,6 @@ def main(argv: list[str] | None = None) -> None:
     check_inputs(cfg)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision), cpu=multi_cpu(),
                               log_with="tensorboard", project_dir=cfg.train.output_dir)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise ConfigError("FSDP is not supported by the training loop yet (the EMA, image grids and checkpoint "
-                          "checks need whole weights on each process); accepted: DDP (configs/accelerate/*ddp*.yaml)")
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     if accelerator.device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
