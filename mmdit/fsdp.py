@@ -56,11 +56,13 @@ def shard_like(whole: list[torch.Tensor], like: list[torch.Tensor]) -> list[torc
 
 
 @torch.no_grad()
-def gather_into(module: torch.nn.Module, tensors: list[torch.Tensor]) -> torch.nn.Module:
-    """Copy whole `tensors` (gathered from shards: a collective) into `module`'s parameters, in order."""
-    for param, t in zip(module.parameters(), tensors):
-        param.copy_(t.full_tensor() if isinstance(t, DTensor) else t)
-    return module
+def gather_into(module: torch.nn.Module, params: list[torch.Tensor], buffers: list[torch.Tensor] = ()) -> None:
+    """Copy whole `params` (gathered from shards: a collective) into `module`'s parameters, in order, and
+    `buffers` (never sharded: the VQ-VAE's codebook) into its buffers."""
+    for mine, t in zip(module.parameters(), params):
+        mine.copy_(t.full_tensor() if isinstance(t, DTensor) else t)
+    for mine, t in zip(module.buffers(), buffers):
+        mine.copy_(t)
 
 
 def save_state(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

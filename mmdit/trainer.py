@@ -360,7 +360,7 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
         if sharded and ema is not None:
             fsdp.gather_into(ema, ema_params)
         if sharded and with_model:
-            fsdp.gather_into(whole, live)
+            fsdp.gather_into(whole, live, list(model.buffers()))
     bad_steps = BadSteps(cfg.log_every, device, start)
     accelerator.step = 0  # accumulation counter: a step always runs all its micro-batches
     if start:

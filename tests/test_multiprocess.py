@@ -144,6 +144,23 @@ sys.exit(code)
 """
 
 
+def test_fsdp_vqvae_matches_one_process_and_exports_its_codebook(tiny_run, tmp_path):
+    root = tmp_path / "fsdp"  # the tiny run's data and caption cache; the VQ-VAE from scratch, one FSDP unit
+    shutil.copytree(tiny_run.parent, root, ignore=shutil.ignore_patterns("run"))
+    (tmp_path / "driver.py").write_text(FSDP_DRIVER)
+    proc = launch(tmp_path / "driver.py", str(tmp_path / "written"),
+                  *tiny_args(root, "train.stage=vqvae", "vqvae_train.batch_size=4"))  # 2 x 4 = the tiny run's 8
+    assert "vqvae: FSDP over 2 processes, the whole model one unit" in proc.stderr
+    one = load_file(tiny_run / "vqvae" / "checkpoints" / "step-00000020" / "model.safetensors")
+    two = load_file(root / "run" / "vqvae" / "checkpoints" / "step-00000020" / "model.safetensors")
+    exported = load_file(root / "run" / "vqvae" / "model" / "model.safetensors")
+    assert one.keys() == two.keys() == exported.keys()
+    for key in one:  # parameters and the codebook buffers: gathered whole into the exported model
+        torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=1e-4, msg=key)
+        assert torch.equal(exported[key], two[key]), key
+    assert (root / "run" / "latents" / "stats.json").is_file()
+
+
 def test_fsdp_matches_one_process_checkpoints_safetensors_and_resumes_exactly(tiny_run, tmp_path):
     root = tmp_path / "fsdp"  # the tiny run's VQ-VAE and latent cache; the DiT from scratch, sharded
     shutil.copytree(tiny_run.parent, root, ignore=shutil.ignore_patterns("dit", "tensorboard", "*.png"))
