@@ -141,7 +141,8 @@ def _one_line(e: BaseException) -> str:
 
 class Checkpoints:
     """`dir/step-00001000/` folders written by accelerate's save_state (model as safetensors, optimizer,
-    grad scaler and RNG states as torch pickles, read back with weights_only=True), plus `ema.safetensors`,
+    grad scaler and RNG states as torch pickles, read back with weights_only=True; under FSDP the whole model
+    and optimizer as safetensors, see mmdit/fsdp.py), plus `ema.safetensors`,
     one `data_state_<rank>.json` per process for streamed data, and `step.json`, which marks the checkpoint
     complete. A checkpoint is written into `.tmp-step-*` and renamed into place when every process has
     finished writing, so a kill at any moment (also mid-save) leaves the previous checkpoints intact."""
@@ -326,8 +327,8 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
         on_image: Callable[[int, torch.nn.Module], None] | None = None, ema: torch.nn.Module | None = None,
         ema_decay: float = 0.999, resume: str = "auto", data_state=None) -> torch.nn.Module:
     """Train `model` for `cfg.steps` optimizer steps, resuming from `out_dir/checkpoints` as `resume` says
-    (see Checkpoints.resume); returns the unwrapped model. `ema`, a copy of the model, tracks an
-    exponential moving average of its weights."""
+    (see Checkpoints.resume); returns the model as a plain module with its whole weights. `ema`, a copy
+    of the model, tracks an exponential moving average of its weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     # Fused AdamW: one kernel for all parameters, and it takes `found_inf`, which skips a step on the
     # device when the gradient is not finite: the NaN guard needs no host sync.
