@@ -185,6 +185,9 @@ class Checkpoints:
         step = json.loads((path / "step.json").read_text())["step"]
         # accelerate skips an unreadable RNG file with an info line; exact resume needs it, so read it first.
         load_pickled(path / f"random_states_{accelerator.process_index}.pkl")
+        if (path / "optimizer.json").is_file() != bool(self.sharded):  # the optimizer's two file formats
+            raise ValueError(f"written {'without' if self.sharded else 'with'} FSDP; accepted: resuming it with "
+                             f"the kind of launch that wrote it ({'DDP or one process' if self.sharded else 'FSDP'})")
         if self.model is not None:  # one clear line for weights of another config
             with safe_open(str(path / "model.safetensors"), "pt") as f:
                 check_shapes({k: f.get_slice(k).get_shape() for k in f.keys()}, self.model.state_dict(),

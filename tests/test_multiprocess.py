@@ -12,10 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmdit.trainer import batch_indices
+from mmdit.trainer import CheckpointError, batch_indices
+from train.train import main
 
 from conftest import tiny_args
 
@@ -201,3 +203,7 @@ def test_fsdp_matches_one_process_checkpoints_safetensors_and_resumes_exactly(ti
         a = load_file(two / f"{name}.safetensors")
         b = load_file(again / "run" / "dit" / "checkpoints" / "step-00000010" / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    # Without FSDP (1 process), an FSDP checkpoint is refused in one line, not half loaded.
+    with pytest.raises(CheckpointError, match="written with FSDP; accepted: resuming it with the kind of launch"):
+        main(tiny_args(again, *sharding[:2], f"train.resume={again}/run/dit/checkpoints/step-00000005"))
