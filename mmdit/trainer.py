@@ -341,15 +341,13 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
     accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     sharded = fsdp.is_fsdp(accelerator)
     if sharded:  # a plain copy, made before sharding, to hold the whole weights when they are gathered
-        units = fsdp.set_wrap_classes(accelerator, model)
+        log.info(f"{name}: FSDP over {accelerator.num_processes} processes, {fsdp.set_wrap_classes(accelerator, model)}")
         whole = copy.deepcopy(model).to(accelerator.device)
     # No scheduler object: the learning rate is set from the step (exact on resume, and accelerate's
     # prepared scheduler would step once per process per optimizer step).
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_optimizer, device = optimizer.optimizer, accelerator.device
     plain = whole if sharded else accelerator.unwrap_model(model)
-    if sharded:
-        log.info(f"{name}: FSDP over {accelerator.num_processes} processes, {units}")
     checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints, name, plain, ema, data_state,
                               (model, raw_optimizer) if sharded else None)
     start = checkpoints.resume(accelerator, resume)
