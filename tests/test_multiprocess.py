@@ -78,6 +78,15 @@ def launch(script: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def assert_same_weights(one: Path, two: Path) -> None:
+    """The model and EMA of two checkpoints: the same tensors, equal up to float summation order."""
+    for name in ("model", "ema"):
+        a, b = load_file(one / f"{name}.safetensors"), load_file(two / f"{name}.safetensors")
+        assert a.keys() == b.keys(), name
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=f"{name} {key}")
+
+
 def test_two_processes_match_one_process_and_write_once(tiny_run, tmp_path):
     root = tmp_path / "two"  # the tiny run's data, caption cache, VQ-VAE and latent cache; the DiT from scratch
     shutil.copytree(tiny_run.parent, root, ignore=shutil.ignore_patterns("dit", "tensorboard", "*.png"))
@@ -91,10 +100,7 @@ def test_two_processes_match_one_process_and_write_once(tiny_run, tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the ranks never drift apart
     one = tiny_run / "dit" / "checkpoints" / "step-00000010"
     two = root / "run" / "dit" / "checkpoints" / "step-00000010"
-    for name in ("model", "ema"):  # the same global batch: equal up to float summation order
-        a, b = load_file(one / f"{name}.safetensors"), load_file(two / f"{name}.safetensors")
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=f"{name} {key}")
+    assert_same_weights(one, two)  # the same global batch: equal up to float summation order
 
     records = [json.loads((tmp_path / f"record-{rank}.json").read_text()) for rank in range(2)]
     n = len(load_file(root / "run" / "latents" / "train.safetensors")["indices"])
@@ -178,11 +184,7 @@ def test_fsdp_matches_one_process_checkpoints_safetensors_and_resumes_exactly(ti
     assert {Path(p).name for p in written[0]} == {"model.safetensors", "optimizer.safetensors", "ema.safetensors"}
     checkpoints = root / "run" / "dit" / "checkpoints"
     one, two = tiny_run / "dit" / "checkpoints" / "step-00000010", checkpoints / "step-00000010"
-    for name in ("model", "ema"):  # sharded over 2 processes, the same weights as whole on 1
-        a, b = load_file(one / f"{name}.safetensors"), load_file(two / f"{name}.safetensors")
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=f"{name} {key}")
+    assert_same_weights(one, two)  # sharded over 2 processes, the same weights as whole on 1
     # Whole weights and optimizer state as safetensors; the only pickles are accelerate's RNG states.
     assert sorted(p.name for p in two.iterdir()) == ["ema.safetensors", "model.safetensors", "optimizer.json",
                                                       "optimizer.safetensors", "random_states_0.pkl",
