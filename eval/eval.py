@@ -9,8 +9,8 @@ Caption set (--split): N rows of the split, in split order. When the dataset fla
 training (shapes `--holdout`), they get an equal share, N/2 rows (all of them when there are fewer), so that
 both accuracies are measured on enough samples. The real images of these rows are the FID reference set, the
 CLIP-score ceiling and what the VQ-VAE reconstructs. --prompts FILE: one caption per line (.txt), or JSON
-lines {"caption": ..., and for composition "shape", "color", "position", "size", optional "holdout"}; the FID
-reference is then the first N images of --split and there is no ceiling.
+lines {"caption": ..., and for composition "shape", "color", "position", "size", optional "holdout"}, of which
+the first N are sampled; the FID reference is then as many images, the first of --split, and there is no ceiling.
 
 Metrics (mmdit/metrics.py has the protocol details):
 - fid: torchmetrics FID of the samples vs the reference set, on Inception-v3 features (--inception-weights FILE
@@ -20,9 +20,9 @@ Metrics (mmdit/metrics.py has the protocol details):
 - recon: VQ-VAE reconstruction PSNR of the reference images, and FID of reconstructions vs real.
 A CLIP written by eval/train_clip.py is in-domain: its scores are labelled so, never standard CLIP/FID.
 
-Sharding: image i's noise depends only on (seed, i). Batches of --batch-size start at multiples of it whatever
-the number of processes, each process samples a contiguous run of batches, and the main process gathers them
-in order and computes every metric: any number of processes gives the same images and numbers.
+Sharding: image i's noise depends only on (seed, i) (mmdit.pipeline.noise_seed). Batches of --batch-size start at
+multiples of it whatever the number of processes, each process samples a contiguous run of batches, and the main
+process gathers them in order and computes every metric: any number of processes gives the same images and numbers.
 Writes DIR/report.json (every number and the protocol), DIR/report.md and DIR/samples.png.
 """
 from __future__ import annotations
@@ -143,7 +143,9 @@ def caption_set(cfg, args) -> CaptionSet:
         if not captions:
             raise EvalError(f"--prompts {args.prompts} holds no caption")
         captions, truth = captions[:n], truth[:n] if truth else None
-        reference = data.images[:n]
+        # As many real images as samples, as with --split: FID's bias depends on the set sizes, so FIDs from
+        # the two caption sources compare only so.
+        reference = data.images[:len(captions)]
         protocol = {"source": f"prompts file {args.prompts}", "reference": f"first {len(reference)} images of "
                     f"split {args.split!r}"}
         return CaptionSet(captions, truth, None, reference, protocol)
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "model": str(run), "dataset": dataset_source(cfg.data), "split": args.split, "resolution": cfg.data.resolution,
         "holdout": cfg.data.holdout, "caption_set": cs.protocol, "num_samples": len(images), "steps": args.steps,
         "sampler": args.sampler, "guidance": args.guidance, "seed": args.seed,
-        "noise": "image i: torch.Generator().manual_seed(seed * 100003 + i)", "batch_size": args.batch_size,
+        "noise": "image i: torch.Generator().manual_seed(mmdit.pipeline.noise_seed(seed, i)), a blake2b hash",
+        "text_encoder": pipe.text_encoder.resolved_id, "batch_size": args.batch_size,
         "processes": state.num_processes, "dit_mode": pipe.dit.cfg.mode, "sampling_seconds": round(seconds, 1)}}
     if fid is not None:
         description = {"dataset": dataset_source(cfg.data), "split": args.split, "resolution": cfg.data.resolution,

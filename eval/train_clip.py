@@ -9,7 +9,8 @@ its scores are labelled in-domain everywhere and are not comparable with publish
 
 Model: `open_clip.CLIP` built from a model config dict (`model_config`: a ViT image tower at the dataset's
 resolution, a text transformer over open_clip's own BPE tokenizer, which ships inside the open_clip package),
-trained with open_clip's `ClipLoss` in mmdit's shared training loop (mmdit/trainer.py: AdamW, warmup + cosine,
+trained with open_clip's `ClipLoss` (and, as open_clip's training does, `logit_scale` clamped to [0, ln 100] after
+every optimizer step) in mmdit's shared training loop (mmdit/trainer.py: AdamW, warmup + cosine,
 checkpoints and resume), on batches read through mmdit's loader exactly as train/train.py reads them.
 
 DIR is written in open_clip's local layout, `open_clip_config.json` + `open_clip_model.safetensors`, which
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,14 +36,23 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mmdit import precision  # noqa: E402
 from mmdit.clip import OPENAI_MEAN, OPENAI_STD, CLIPLoadError, load_clip, save_open_clip  # noqa: E402
 from mmdit.config import ArgumentParser, ConfigError, load_config, run_cli  # noqa: E402
 from mmdit.data.loader import DataError, ImageCaptions, dataset_source, ensure_dataset, pick_caption  # noqa: E402
 from mmdit.data.shapes import ATTRIBUTES  # noqa: E402
 from mmdit.metrics import FID, add_noise, clip_extractor, image_features, retrieve, text_features  # noqa: E402
-from mmdit.trainer import StageConfig, batch_indices, fit, resolve_mixed_precision  # noqa: E402
+from mmdit.trainer import StageConfig, batch_indices, fit  # noqa: E402
 
 NOISE_LEVELS = (4, 8, 16, 32)  # std of the added pixel noise, in 0..255 units
+MAX_LOGIT_SCALE = math.log(100)  # CLIP's cap on the softmax temperature: exp(logit_scale) <= 100
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: torch.nn.Module, skipped=None) -> None:
+    """Clamp `model.logit_scale` to [0, ln 100], as open_clip's training does after every optimizer step:
+    unclamped, the temperature keeps growing and makes training unstable. fit's `after_step`."""
+    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
 def model_config(args: argparse.Namespace, resolution: int) -> dict:
@@ -126,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.data, args.overrides)
     out = Path(args.out)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
+    accelerator = Accelerator(mixed_precision=precision.accelerator_precision(cfg.train.mixed_precision))
     ensure_dataset(cfg.data)
     train = ImageCaptions.from_split(cfg.data, cfg.data.train_split)
     val = ImageCaptions.from_split(cfg.data, cfg.data.val_split)
@@ -173,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"({sum(p.numel() for p in model.token_embedding.parameters()) / 1e6:.2f}M in the token embedding), "
           f"{len(train)} train pairs, {args.steps} steps of {args.batch_size}")
     start = time.perf_counter()
-    model = fit(accelerator, "clip", model, stage, get_batch, loss_fn, out)
+    model = fit(accelerator, "clip", model, stage, get_batch, loss_fn, out, mixed_precision=cfg.train.mixed_precision,
+                after_step=clamp_logit_scale)
     seconds = time.perf_counter() - start
     info = {"in_domain": True,
             "note": "trained on this dataset by eval/train_clip.py: in-domain scores, not comparable with "

@@ -12,6 +12,7 @@ import argparse
 import copy
 import dataclasses
 import os
+import re
 import sys
 import types
 import typing
@@ -151,6 +152,25 @@ class Config:
 # ---------------------------------------------------------------------------------------------------
 # Type checking of plain YAML values against dataclass field types.
 
+class _Loader(yaml.SafeLoader):
+    """YAML with the booleans of YAML 1.2: only true/false. PyYAML follows YAML 1.1, which also reads yes/no/on/off
+    as booleans, so `mixed_precision: no` arrived as False and the text was lost before the field type was known.
+    Here those words stay strings and a bool field accepts them by name (YAML_WORDS)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+YAML_WORDS = {"yes": True, "on": True, "no": False, "off": False}  # YAML 1.1 booleans, for bool fields
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
@@ -186,6 +206,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in YAML_WORDS:
+            return YAML_WORDS[value.lower()]
     elif tp is str:
         # YAML turns `name: 123` into an int; a string field accepts scalars as their text.
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -225,7 +250,7 @@ def _set_override(tree: dict, override: str) -> None:
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override {override!r}: the key must be section.key (e.g. train.seed=1)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {override!r}: cannot parse the value: {e}") from None
     node = tree
@@ -251,7 +276,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return config_from_dict(tree, overrides)

@@ -10,13 +10,20 @@ optionally snapped to its nearest code (`snap_to_codes`, default on), which puts
 inputs it was trained on, then decoded.
 
 A run directory holds `pipeline.json`, `vqvae/model/` and `dit/model/` (config.json + model.safetensors
-each); the text encoder is referenced by name (None = the shipped MiniLM), so the directory loads
-without any training code.
+each); the text encoder is referenced by name (None = the shipped MiniLM) and by what that name resolved to
+in training (`text_encoder_id`: "name==version", name@commit or a path), so the directory loads without any
+training code and warns when the installed encoder is another one.
+
+The DiT conditions on `mmdit.text_encoder.conditioning` of the encoder's output, as in training, and image i's
+noise is seeded by `noise_seed(seed, i)` alone.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+import numbers
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +32,7 @@ from PIL import Image
 from mmdit.dit import DiT
 from mmdit.flow import cfg_combine, sample
 from mmdit.grid import to_pil
-from mmdit.text_encoder import TextEmbeddings, TextEncoder
+from mmdit.text_encoder import TextEmbeddings, TextEncoder, conditioning
 from mmdit.vqvae import VQVAE
 
 
@@ -36,13 +43,26 @@ class PipelineInfo:
     latent_mean: list[float]
     latent_std: list[float]
     snap_to_codes: bool = True
+    text_encoder_id: str | None = None  # TextEncoder.resolved_id in training; None in older exports
 
 
-def check_sampling(num_steps: int, guidance_scale: float) -> None:
+def noise_seed(seed: int, index: int) -> int:
+    """The 64-bit noise seed of image `index` of a run seeded `seed`. A hash, because any linear mix such as
+    seed * K + index collides ((1, 0) == (0, K)); a function of (seed, index) alone, so a picture does not
+    depend on how prompts are batched or sharded."""
+    for name, value in (("seed", seed), ("index", index)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name}={value!r}; accepted: an integer")
+    key = f"{int(seed)},{int(index)}".encode()  # int(): numpy's integers hash as Python's
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+
+def check_sampling(num_steps: int, guidance_scale: float, seed: int = 0) -> None:
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r}; accepted: an integer >= 1")
     if not guidance_scale >= 0:  # also NaN
         raise ValueError(f"guidance_scale={guidance_scale}; accepted: >= 0 (1 = no guidance)")
+    noise_seed(seed, 0)  # a seed it cannot take fails here, before any work
 
 
 class TextToImagePipeline:
@@ -50,15 +70,24 @@ class TextToImagePipeline:
         self.dit = dit.eval()
         self.vqvae = vqvae.eval()
         self.info = info
-        self._text_encoder = text_encoder
+        self._text_encoder = None
+        if text_encoder is not None:
+            self._set_text_encoder(text_encoder)
         self.mean = torch.tensor(info.latent_mean).view(1, -1, 1, 1)
         self.std = torch.tensor(info.latent_std).view(1, -1, 1, 1)
 
     @property
     def text_encoder(self) -> TextEncoder:
         if self._text_encoder is None:  # loaded on first use: training samples from cached embeddings
-            self._text_encoder = TextEncoder(self.info.text_encoder, max_length=self.info.max_length)
+            self._set_text_encoder(TextEncoder(self.info.text_encoder, max_length=self.info.max_length))
         return self._text_encoder
+
+    def _set_text_encoder(self, encoder: TextEncoder) -> None:
+        recorded = self.info.text_encoder_id
+        if recorded is not None and recorded != encoder.resolved_id:
+            warnings.warn(f"text encoder: this pipeline was trained with {recorded!r} but {encoder.resolved_id!r} "
+                          "is what loaded; its conditioning may differ, so may the images (install the recorded one)")
+        self._text_encoder = encoder
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path) -> "TextToImagePipeline":
@@ -74,7 +103,10 @@ class TextToImagePipeline:
         run_dir = Path(run_dir)
         self.dit.save_pretrained(run_dir / "dit" / "model")
         self.vqvae.save_pretrained(run_dir / "vqvae" / "model")
-        (run_dir / "pipeline.json").write_text(json.dumps(asdict(self.info), indent=2))
+        info = self.info
+        if info.text_encoder_id is None and self._text_encoder is not None:
+            info = replace(info, text_encoder_id=self._text_encoder.resolved_id)
+        (run_dir / "pipeline.json").write_text(json.dumps(asdict(info), indent=2))
 
     @torch.no_grad()
     def generate(self, text: TextEmbeddings, null: TextEmbeddings, num_steps: int = 25, guidance_scale: float = 4.0,
@@ -83,19 +115,20 @@ class TextToImagePipeline:
         """Embedded prompts (B, L, D) + the empty-prompt embedding (1, L, D) -> images (B, 3, H, W) in [-1, 1].
         Image i's noise depends only on (seed, first_index + i): a prompt's picture does not depend on how
         the prompts are batched or sharded across processes."""
-        check_sampling(num_steps, guidance_scale)
+        check_sampling(num_steps, guidance_scale, seed)
         device = next(self.dit.parameters()).device
         cfg = self.dit.cfg
         b = len(text.hidden)
         noise = torch.stack([torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size,
-                                         generator=torch.Generator().manual_seed(seed * 100_003 + first_index + i))
+                                         generator=torch.Generator().manual_seed(noise_seed(seed, first_index + i)))
                              for i in range(b)])
+        text, null = conditioning(text), conditioning(null)  # what it trained on, from the cache or the encoder
         guide = guidance_scale != 1.0
         # Conditional and unconditional predictions in one batch of 2B.
         hidden = torch.cat([text.hidden, null.hidden.expand(b, -1, -1)]) if guide else text.hidden
         mask = torch.cat([text.mask, null.mask.expand(b, -1)]) if guide else text.mask
         pooled = torch.cat([text.pooled, null.pooled.expand(b, -1)]) if guide else text.pooled
-        hidden, mask, pooled = hidden.to(device).float(), mask.to(device), pooled.to(device).float()
+        hidden, mask, pooled = hidden.to(device), mask.to(device), pooled.to(device)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if not guide:
@@ -117,7 +150,7 @@ class TextToImagePipeline:
             raise ValueError("prompts is empty; accepted: a list of one or more strings (\"\" = unconditional)")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}; accepted: an integer >= 1")
-        check_sampling(num_steps, guidance_scale)  # before the text encoder loads
+        check_sampling(num_steps, guidance_scale, seed)  # before the text encoder loads
         null = self.text_encoder([""])
         images = []
         for start in range(0, len(prompts), batch_size):

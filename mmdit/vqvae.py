@@ -8,6 +8,9 @@ latent vector to the nearest of K codes:
   loss, no optimizer state), with an optional l2-normalised / cosine variant (ViT-VQGAN, LlamaGen);
 - codes unused for `dead_code_steps` training steps are re-seeded from the current encoder outputs, which
   keeps codebook usage high;
+- a training forward only accumulates what it saw; `update()` applies it once per optimizer step (so the
+  EMA decay and the dead-code count mean the same with gradient accumulation), and skips it when the step
+  is skipped or any encoder output was not finite (one NaN would otherwise poison the codebook for good);
 - gradients pass the quantizer by the straight-through estimator, with a commitment loss (weight beta).
 """
 from __future__ import annotations
@@ -136,6 +139,10 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_count", torch.ones(cfg.codebook_size))
         self.register_buffer("ema_sum", codes.clone())
         self.register_buffer("unused_steps", torch.zeros(cfg.codebook_size, dtype=torch.long))
+        # What this optimizer step's micro-batches assigned, until update(): never saved (empty between steps).
+        self.register_buffer("step_count", torch.zeros(cfg.codebook_size), persistent=False)
+        self.register_buffer("step_sum", torch.zeros(cfg.codebook_size, cfg.code_dim), persistent=False)
+        self.recent: torch.Tensor | None = None  # the last micro-batch's encoder outputs: seeds for dead codes
 
     def codes(self) -> torch.Tensor:
         return F.normalize(self.codebook, dim=1) if self.cfg.l2_normalize else self.codebook
@@ -163,7 +170,9 @@ class VectorQuantizer(nn.Module):
             indices = self.lookup(flat)
             counts = torch.bincount(indices, minlength=self.cfg.codebook_size).float()
             if self.training:
-                self._update(flat.detach(), indices, counts)
+                self.step_count += counts
+                self.step_sum.index_add_(0, indices, flat.detach())
+                self.recent = flat.detach()
             quantized = self.codes()[indices]
             loss = self.cfg.beta * F.mse_loss(flat, quantized.detach())
             quantized = flat + (quantized - flat).detach()
@@ -171,11 +180,21 @@ class VectorQuantizer(nn.Module):
         return quantized, indices.view(b, h, w), loss, code_stats(counts)
 
     @torch.no_grad()
-    def _update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
-        sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)  # (K, d)
+    def update(self, skip: bool | torch.Tensor = False) -> bool:
+        """Apply the optimizer step's assignments to the codebook (EMA, then dead-code restart), on every process
+        alike; `skip` (the step was skipped) or a non-finite encoder output anywhere leaves it unchanged.
+        Returns whether it was updated."""
+        counts, sums = self.step_count.clone(), self.step_sum.clone()
+        self.step_count.zero_()
+        self.step_sum.zero_()
+        if self.recent is None:  # no training forward since the last update
+            return False
         if dist.is_available() and dist.is_initialized():  # every process must keep the same codebook
             dist.all_reduce(counts)
-            dist.all_reduce(sums)
+            dist.all_reduce(sums)  # NaN anywhere -> NaN everywhere: the skip below is decided the same on all
+        flat, self.recent = self.recent, None
+        if bool(skip) or not bool(torch.isfinite(sums).all()):
+            return False
         decay = self.cfg.ema_decay
         self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
         self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
@@ -186,6 +205,7 @@ class VectorQuantizer(nn.Module):
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
         if self.cfg.dead_code_steps > 0:
             self.restart_dead_codes(flat)
+        return True
 
     @torch.no_grad()
     def restart_dead_codes(self, flat: torch.Tensor) -> int:

@@ -8,6 +8,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The precision every training run of the suite uses: "no" (fp32, the default, the same on every CPU) or
+# MMDIT_TEST_PRECISION=bf16, which exercises the bf16 path on purpose, also where bf16 is not native.
+PRECISION = os.environ.get("MMDIT_TEST_PRECISION", "no")
+if PRECISION not in ("no", "bf16"):
+    raise ValueError(f"MMDIT_TEST_PRECISION={PRECISION!r}; accepted: no, bf16")
+
+
+def tolerance(fp32: float, bf16: float) -> float:
+    """A comparison's tolerance in the suite's precision: each test names both (bf16 rounds at 2^-8, not 2^-24,
+    so results that differ only in summation order differ by far more)."""
+    return bf16 if PRECISION == "bf16" else fp32
+
+
+@pytest.fixture
+def suite_precision():
+    """Runs a test of a model itself in the suite's precision: under bf16 autocast with MMDIT_TEST_PRECISION=bf16,
+    as the trainer runs it (a no-op otherwise). Without autocast's weight cache: a test that takes optimizer steps
+    inside must not see the cached bf16 copies of the weights from before the step."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISION == "bf16", cache_enabled=False):
+        yield
+
 
 @pytest.fixture(scope="module")
 def single_thread():
@@ -28,6 +49,7 @@ TINY = [
     "dit.width=32", "dit.depth=2", "dit.heads=2", "dit_train.batch_size=8", "dit_train.steps=10",
     "dit_train.log_every=5", "dit_train.image_every=10", "dit_train.checkpoint_every=5",
     "dit_train.sample_prompts=[a red circle, a small blue square in the bottom right]", "sample.steps=2",
+    f"train.mixed_precision={PRECISION}",
 ]
 
 

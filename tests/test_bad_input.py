@@ -51,6 +51,7 @@ TRAIN_CASES = [
     (["--config", "{tmp}/nowhere.yaml"], "config file not found"),
     (["train.stage=everything"], "train.stage='everything'; accepted: all, data, vqvae, dit"),
     (["train.mixed_precision=fp8"], "train.mixed_precision='fp8'; accepted: auto, no, bf16, fp16"),
+    (["train.mixed_precision=off"], "train.mixed_precision='off'; accepted: auto, no, bf16, fp16"),
     (["dit_train.steps=0"], "dit_train.steps=0; accepted: an integer >= 1"),
     (["vqvae_train.batch_size=0"], "vqvae_train.batch_size=0; accepted: an integer >= 1"),
     (["dit_train.gradient_accumulation_steps=-1"], "dit_train.gradient_accumulation_steps=-1; accepted: an integer >= 1"),
@@ -70,6 +71,7 @@ TRAIN_CASES = [
     (["data.name={tmp}/text_column", "data.val_split=train"],
      "has no caption column 'caption' (set data.caption_column); columns: image, text"),
     (["data.name={tmp}/broken", "data.val_split=train"], "split 'train' has no usable images"),
+    (["data.name={tmp}/odd_captions", "data.val_split=train"], "split 'train' has no usable images (3 skipped)"),
     (["data.name={tmp}/three", "data.val_split=train"], "the train split has 3 usable images, fewer than one "
                                                         "global batch of 8"),
     (["text_encoder.name=no-such-org/no-such-model"], "Text encoder 'no-such-org/no-such-model' could not be loaded"),
@@ -82,6 +84,8 @@ def test_train_cli(tmp_path, capsys, overrides, expected):
     (tmp_path / "file.txt").write_text("not a directory")
     imagefolder(tmp_path / "text_column", [(f"{i}.png", red(i), {"text": f"red {i}"}) for i in range(3)])
     imagefolder(tmp_path / "broken", [("bad.png", b"\x89PNG not really", {"caption": "broken"})])
+    imagefolder(tmp_path / "odd_captions", [("0.png", red(0), {"caption": {"en": "red"}}),
+                                            ("1.png", red(1), {"caption": None}), ("2.png", red(2), {"caption": []})])
     imagefolder(tmp_path / "three", [(f"{i}.png", red(i), {"caption": f"red {i}"}) for i in range(3)])
     fill = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
     rc = train_cli(tiny_args(tmp_path, "data.num_images=30", *fill))

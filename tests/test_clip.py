@@ -1,6 +1,7 @@
 """mmdit.clip: tiny random CLIPs, built here as an open_clip model config and as a transformers CLIPConfig,
 saved and loaded back through the one interface eval uses. No network."""
 import json
+import math
 
 import open_clip
 import pytest
@@ -110,3 +111,26 @@ def test_unloadable_names_are_one_clear_error(name, says):
 def test_directory_without_a_model_is_rejected(tmp_path):
     with pytest.raises(CLIPLoadError, match="neither open_clip_config.json nor config.json"):
         load_clip(str(tmp_path))
+
+
+def test_train_clip_clamps_logit_scale_after_each_step(tmp_path):
+    """A loss that only pushes logit_scale up, through the shared training loop train_clip.py uses."""
+    from accelerate import Accelerator
+
+    from eval.train_clip import MAX_LOGIT_SCALE, clamp_logit_scale
+    from mmdit.trainer import StageConfig, fit
+
+    model = torch.nn.Module()
+    model.logit_scale = torch.nn.Parameter(torch.tensor(4.0))  # AdamW at lr 1 moves it ~1 per step
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(model.logit_scale.item())
+        return -model.logit_scale, {}
+
+    stage = StageConfig(steps=4, batch_size=1, lr=1.0, warmup_steps=0, schedule="constant", log_every=4,
+                        image_every=5, checkpoint_every=4)
+    fit(Accelerator(cpu=True, mixed_precision="no"), "clip", model, stage, lambda *_: None, loss_fn, tmp_path,
+        after_step=clamp_logit_scale)
+    assert MAX_LOGIT_SCALE == pytest.approx(math.log(100))
+    assert seen[1:] + [model.logit_scale.item()] == pytest.approx([MAX_LOGIT_SCALE] * 4)  # clamped after every step

@@ -24,6 +24,23 @@ def test_overrides_are_typed():
     assert cfg.data.path == "123"  # a string field takes a number as its text
 
 
+def test_yaml_1_1_words_are_text_for_str_fields_and_booleans_for_bool_fields(tmp_path):
+    """YAML 1.1 reads no/yes/on/off as booleans: `mixed_precision: no` used to arrive as False and be refused."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\ndata:\n  name: off\n  holdout: [yes, On]\n  streaming: on\n"
+                    "text_encoder:\n  trust_remote_code: No\n")
+    cfg = load_config(path)
+    assert (cfg.train.mixed_precision, cfg.data.name, cfg.data.holdout) == ("no", "off", ["yes", "On"])
+    assert cfg.data.streaming is True and cfg.text_encoder.trust_remote_code is False
+    cfg = load_config(None, ["train.mixed_precision=no", "dit_train.sample_prompts=[yes, no]", "data.streaming=yes",
+                             "text_encoder.trust_remote_code=off", "data.train_split=on"])
+    assert (cfg.train.mixed_precision, cfg.dit_train.sample_prompts, cfg.data.train_split) == ("no", ["yes", "no"], "on")
+    assert cfg.data.streaming is True and cfg.text_encoder.trust_remote_code is False
+    assert load_config(None, ["data.streaming=FALSE"]).data.streaming is False
+    cfg.save(tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
 def test_shipped_configs_load():
     cfg = load_config("configs/shapes.yaml")
     assert cfg.data.name == "shapes"
@@ -35,6 +52,9 @@ def test_shipped_configs_load():
     (["data.resolution=big"], ["data.resolution", "expected int", "'big'"]),
     (["data.resolution=1.5"], ["data.resolution", "expected int"]),
     (["data.streaming=3"], ["data.streaming", "expected bool"]),
+    (["data.streaming=nope"], ["data.streaming", "expected bool, got 'nope'"]),
+    (["train.mixed_precision=off"], ["train.mixed_precision='off'; accepted: auto, no, bf16, fp16"]),
+    (["data.name=true"], ["data.name: expected str, got True"]),
     (["data.holdout=red"], ["data.holdout", "expected list of str"]),
     (["data.resolution"], ["section.key=value"]),
     (["resolution=3"], ["section.key"]),

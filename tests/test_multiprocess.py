@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from mmdit.trainer import CheckpointError, batch_indices
 from train.train import main
 
-from conftest import tiny_args
+from conftest import PRECISION, tiny_args, tolerance
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,8 @@ def assert_same_weights(one: Path, two: Path) -> None:
         a, b = load_file(one / f"{name}.safetensors"), load_file(two / f"{name}.safetensors")
         assert a.keys() == b.keys(), name
         for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=f"{name} {key}")
+            torch.testing.assert_close(a[key], b[key], atol=tolerance(1e-6, 2e-2), rtol=tolerance(1e-5, 2e-2),
+                                       msg=f"{name} {key}")
 
 
 def test_two_processes_match_one_process_and_write_once(tiny_run, tmp_path):
@@ -116,6 +117,44 @@ def test_two_processes_match_one_process_and_write_once(tiny_run, tmp_path):
     assert sorted(p.name for p in two.iterdir()) == ["ema.safetensors", "model.safetensors", "optimizer.bin",
                                                       "random_states_0.pkl", "random_states_1.pkl", "step.json"]
     assert proc.stderr.count("dit: exported the pipeline") == 1  # logs from the main process only
+
+
+# trainer.fit on a toy regression over 2 processes; at step 2 the loss is NaN on rank 1 only, through a term with
+# no gradient path (the gradients stay finite everywhere): the step must be skipped by both processes or neither.
+SKIP_DRIVER = """
+import json, os, sys
+from pathlib import Path
+import torch
+from accelerate import Accelerator
+from mmdit.trainer import StageConfig, batch_indices, fit
+
+out, precision = Path(sys.argv[1]), sys.argv[2]
+accelerator = Accelerator(cpu=True, mixed_precision="no")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+data = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+
+def loss_fn(model, batch):
+    step, x = batch
+    loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+    if step == 2 and accelerator.process_index == 1:
+        loss = loss + torch.tensor(float("nan"))
+    return loss, {}
+
+stage = StageConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=0, schedule="constant", log_every=4,
+                    image_every=10, checkpoint_every=4)
+model = fit(accelerator, "toy", model, stage, lambda step, shard, n: (step, data[batch_indices(step, 64, 4, 0, shard, n)]),
+            loss_fn, out, mixed_precision=precision)
+json.dump({k: v.tolist() for k, v in model.state_dict().items()}, open(f"{out}/weights-{accelerator.process_index}.json", "w"))
+"""
+
+
+def test_a_step_non_finite_on_one_process_is_skipped_by_all(tmp_path):
+    (tmp_path / "driver.py").write_text(SKIP_DRIVER)
+    proc = launch(tmp_path / "driver.py", str(tmp_path), PRECISION)
+    weights = [json.loads((tmp_path / f"weights-{rank}.json").read_text()) for rank in range(2)]
+    assert weights[0] == weights[1]  # before: rank 1 skipped step 2 alone, and the ranks drifted apart
+    assert "toy: skipped 1 step(s) with a non-finite loss or gradient (weights unchanged): [2]" in proc.stderr
 
 
 # accelerate only turns FSDP on for accelerators (MULTI_CPU is not an FSDP type), so this driver switches the
@@ -164,8 +203,10 @@ def test_fsdp_vqvae_matches_one_process_and_exports_its_codebook(tiny_run, tmp_p
     exported = load_file(root / "run" / "vqvae" / "model" / "model.safetensors")
     assert one.keys() == two.keys() == exported.keys()
     for key in one:  # parameters and the codebook buffers: gathered whole into the exported model
-        torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=1e-4, msg=key)
         assert torch.equal(exported[key], two[key]), key
+        if PRECISION == "bf16" and key.startswith("quantizer."):
+            continue  # bf16 rounding flips near-tie code assignments, which moves codes and their counters
+        torch.testing.assert_close(one[key], two[key], atol=tolerance(1e-5, 2e-2), rtol=tolerance(1e-4, 2e-2), msg=key)
     assert (root / "run" / "latents" / "stats.json").is_file()
 
 

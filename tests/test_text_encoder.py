@@ -1,6 +1,7 @@
 """Tests for mmdit.text_encoder: shipped MiniLM, tiny random CLIP/T5 encoders, caption cache."""
 
 import json
+import shutil
 import time
 import warnings
 
@@ -12,7 +13,7 @@ from transformers import (CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
                           T5EncoderModel)
 
 from mmdit.text_encoder import (DEFAULT_TEXT_ENCODER, CaptionCache, TextEncoder,
-                                TextEncoderLoadError)
+                                TextEncoderLoadError, conditioning)
 
 CAPTIONS = ["a red circle", "", "two blue squares on green", "héllo wörld 🎉 日本"]
 LONG = "a very long caption about many red and blue shapes " * 8  # > 32 tokens
@@ -112,6 +113,29 @@ def test_truncation_warns_once_per_encoder():
     messages = [str(w.message) for w in caught if "truncated" in str(w.message)]
     assert len(messages) == 1 and "3 of 4" in messages[0]
     assert first.hidden.shape == (4, 16, 384) and first.mask[0].all()
+
+
+def test_conditioning_is_bf16_rounded_and_what_the_cache_holds(minilm, tmp_path):
+    direct = minilm(CAPTIONS)
+    cond = conditioning(direct)
+    assert cond.hidden.dtype == torch.float32 and not torch.equal(cond.hidden, direct.hidden)
+    assert torch.equal(cond.hidden, direct.hidden.bfloat16().float()) and torch.equal(cond.pooled, direct.pooled)
+    assert all(torch.equal(a, b) for a, b in zip(conditioning(cond), cond))  # idempotent: cache rows stay as they are
+    assert all(torch.equal(a, b) for a, b in zip(CaptionCache(minilm, tmp_path).get(CAPTIONS), cond))
+
+
+def test_resolved_id_names_the_weights_loaded(minilm, tiny_clip_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    assert minilm.resolved_id == minilm.id and minilm.id.startswith(f"{DEFAULT_TEXT_ENCODER}==")
+    assert TextEncoder(tiny_clip_dir, max_length=8).resolved_id == str(tiny_clip_dir.resolve())
+    # A hub name, from a hub cache laid out as huggingface_hub writes it: refs/main -> snapshots/<commit>/.
+    commit, repo = "0123456789abcdef0123456789abcdef01234567", tmp_path / "models--tiny--clip"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(tiny_clip_dir, repo / "snapshots" / commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert TextEncoder("tiny/clip", max_length=8).resolved_id == f"tiny/clip@{commit}"
 
 
 def test_caption_validation(minilm):

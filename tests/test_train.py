@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from mmdit.config import DataConfig
 from mmdit.data.loader import DataError
-from mmdit.trainer import StageConfig, batch_indices, lr_factor, resolve_mixed_precision
+from mmdit import precision
+from mmdit.trainer import StageConfig, batch_indices, lr_factor
 from mmdit.vqvae import VQVAE
 from train.train import StreamBatches, main
 
@@ -34,17 +35,24 @@ def test_lr_schedule():
     cfg = StageConfig(steps=100, warmup_steps=10)
     assert lr_factor(0, cfg) == pytest.approx(0.1)
     assert lr_factor(9, cfg) == pytest.approx(1.0, abs=0.01)
+    assert lr_factor(10, cfg) == pytest.approx(1.0, abs=1e-3)  # the first step after warmup: the peak
+    assert 0 < lr_factor(99, cfg) < 1e-3  # the last step still learns
     assert lr_factor(100, cfg) == pytest.approx(0.0, abs=1e-9)
     assert lr_factor(50, StageConfig(steps=100, warmup_steps=10, schedule="constant")) == 1.0
     with pytest.raises(ValueError, match="accepted: cosine, constant"):
         lr_factor(1, StageConfig(schedule="linear"))
 
 
-def test_mixed_precision_choice():
-    assert resolve_mixed_precision("no") == "no"
-    assert resolve_mixed_precision("auto") in ("no", "bf16", "fp16")
+def test_mixed_precision_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    assert precision.resolve("no", cpu) == "no" and precision.resolve("bf16", cpu) == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve("auto", cpu) == "no"  # bf16 would run reference kernels: never chosen
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve("auto", cpu) == "measure"  # only a timing of the stage's own step can tell
+    assert precision.accelerator_precision("bf16") == "no"  # autocast is the loop's; accelerate only scales fp16
     with pytest.raises(ValueError, match="accepted: auto, no, bf16, fp16"):
-        resolve_mixed_precision("fp8")
+        precision.resolve("fp8", cpu)
 
 
 def test_default_pipeline_tiny_end_to_end_and_resume(tmp_path, caplog):

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
-from mmdit import latents
+from mmdit import latents, precision
 from mmdit.config import ArgumentParser, Config, ConfigError, DataConfig, check_writable, load_config, run_cli
 from mmdit.data.shapes import ATTRIBUTES, judge_accuracy
 from mmdit.data.loader import (DataError, ImageCaptions, StreamingImageCaptions, ensure_dataset, iter_examples,
@@ -37,8 +37,7 @@ from mmdit.flow import flow_loss, sample_t
 from mmdit.grid import save_grid, to_pil
 from mmdit.pipeline import PipelineInfo, TextToImagePipeline
 from mmdit.text_encoder import CaptionCache, TextEncoder, TextEncoderLoadError
-from mmdit.trainer import (CheckpointError, TrainingDiverged, batch_indices, checkpoint_stage, fit,
-                           multi_cpu, resolve_mixed_precision)
+from mmdit.trainer import CheckpointError, TrainingDiverged, batch_indices, checkpoint_stage, fit, multi_cpu
 from mmdit.vqvae import VQVAE, code_stats, psnr
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
@@ -190,7 +189,8 @@ def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path) -> None:
     log.info(f"vqvae: {sum(p.numel() for p in vqvae.parameters()) / 1e6:.2f}M parameters, f{cfg.vqvae.downsample}, "
              f"{cfg.vqvae.codebook_size} codes of dim {cfg.vqvae.code_dim}, {tcfg.steps} steps")
     vqvae = fit(accelerator, "vqvae", vqvae, tcfg, get_batch, loss_fn, out / "vqvae", on_image,
-                resume=cfg.train.resume, data_state=stream)
+                resume=cfg.train.resume, data_state=stream, mixed_precision=cfg.train.mixed_precision,
+                after_step=lambda model, skipped: model.quantizer.update(skipped))
     if not accelerator.is_main_process:
         return
     vqvae.eval()
@@ -264,7 +264,7 @@ def train_dit(cfg: Config, accelerator: Accelerator, out: Path, cache: CaptionCa
     dit = DiT(dit_cfg)
     ema = copy.deepcopy(dit).to(accelerator.device).eval()
     info = PipelineInfo(cfg.text_encoder.name, cfg.text_encoder.max_length, stats["mean"], stats["std"],
-                        cfg.sample.snap_to_codes)
+                        cfg.sample.snap_to_codes, text_encoder_id=cache.encoder.resolved_id)
     prompts = tcfg.sample_prompts
 
     def on_image(step: int, model: DiT | None = None, path: Path | None = None) -> None:  # shows the EMA
@@ -278,7 +278,7 @@ def train_dit(cfg: Config, accelerator: Accelerator, out: Path, cache: CaptionCa
     log.info(f"dit: {dit_cfg.mode}, {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters, "
              f"{len(x_all)} latents of {tuple(x_all.shape[1:])}, {tcfg.steps} steps of {tcfg.batch_size}")
     fit(accelerator, "dit", dit, tcfg, get_batch, loss_fn, out / "dit", on_image, ema=ema, ema_decay=tcfg.ema_decay,
-        resume=cfg.train.resume)
+        resume=cfg.train.resume, mixed_precision=cfg.train.mixed_precision)
     if accelerator.is_main_process:
         TextToImagePipeline(ema, vqvae, info).save_pretrained(out)
         on_image(tcfg.steps, path=out / "samples.png")
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     check_inputs(cfg)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision), cpu=multi_cpu(),
+    accelerator = Accelerator(mixed_precision=precision.accelerator_precision(cfg.train.mixed_precision), cpu=multi_cpu(),
                               log_with="tensorboard", project_dir=cfg.train.output_dir)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     if accelerator.device.type == "cpu":

@@ -12,23 +12,30 @@ What `cfg.name` may be (the same path for all):
 - a Hugging Face hub dataset name (+ `cfg.config_name`), downloaded and cached by `datasets`.
 
 Images are decoded by us, not by `datasets`, so that a corrupt, truncated or zero-size file is skipped and
-counted instead of crashing a run hours in. Every image is converted to RGB (transparency composited on
-white), resized so its short side is `cfg.resolution` and center-cropped to a square.
+counted instead of crashing a run hours in. Every image is turned upright (its EXIF orientation), converted to
+RGB (transparency composited on white), resized so its short side is `cfg.resolution` and center-cropped.
+
+An imagefolder's `metadata.jsonl` is read by us too: `datasets`' JSON reader stops at the first caption whose
+type differs from the rows before it (a number, or one list among strings). Here a number is its text, strings
+and lists mix, and a row that cannot be used is skipped and counted like a corrupt image, named in the log.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
+import os
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
+import pyarrow as pa
 from datasets.distributed import split_dataset_by_node
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
@@ -39,6 +46,12 @@ log = logging.getLogger(__name__)
 
 # A truncated file must fail to decode (and be skipped), not come back silently half gray.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# The column a metadata row that cannot be used carries instead of its data: [reason counted, line logged].
+SKIP = "_skip"
+UNDECODABLE = "undecodable image (corrupt, truncated or empty)"
+EMPTY_CAPTION = "with an empty caption, trained as unconditional"
+LISTED = 5  # bad rows named in the log per reason; the rest are only counted
 
 
 class DataError(ValueError):
@@ -64,8 +77,8 @@ def open_split(cfg: DataConfig, split: str) -> datasets.Dataset | datasets.Itera
                 if split not in ds:
                     raise DataError(f"dataset {source!r} has no split {split!r}; splits: {', '.join(ds)}")
                 ds = ds[split]
-            if cfg.streaming:
-                ds = ds.to_iterable_dataset()
+        elif path.is_dir() and (metadata := _jsonl_metadata(path, split)):
+            ds = read_metadata(metadata, path, cfg.caption_column)
         elif path.exists():
             ds = datasets.load_dataset(str(path), split=split, streaming=cfg.streaming)
         elif cfg.name == "shapes" or source.startswith((".", "/", "~")):
@@ -81,8 +94,10 @@ def open_split(cfg: DataConfig, split: str) -> datasets.Dataset | datasets.Itera
             f"cannot load dataset {source!r} (split {split!r}): {e}. A hub name needs network access; "
             "offline, pass a local directory (imagefolder with metadata.jsonl, parquet, or save_to_disk)"
         ) from e
+    if cfg.streaming and isinstance(ds, datasets.Dataset):
+        ds = ds.to_iterable_dataset()
 
-    columns = ds.column_names or list((ds.features or {}).keys())
+    columns = [c for c in ds.column_names or (ds.features or {}) if c != SKIP]
     for role, column in (("image", cfg.image_column), ("caption", cfg.caption_column)):
         if columns and column not in columns:
             raise DataError(
@@ -90,6 +105,86 @@ def open_split(cfg: DataConfig, split: str) -> datasets.Dataset | datasets.Itera
                 f"columns: {', '.join(columns)}"
             )
     return ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# An imagefolder's metadata.jsonl, read line by line.
+
+def _jsonl_metadata(path: Path, split: str) -> list[str]:
+    """The metadata.jsonl files of `split` of the imagefolder `path`, found as `datasets` finds them (split
+    directories or names); [] if `path` is not such an imagefolder or has no such split (`datasets` decides)."""
+    builder = datasets.load_dataset_builder(str(path))
+    if builder.name != "imagefolder" or split not in builder.config.data_files:
+        return []
+    return sorted(f for f in builder.config.data_files[split] if os.path.basename(f) == "metadata.jsonl")
+
+
+def _skip(reason: str, detail: str, row: dict | None = None) -> dict:
+    return {**(row or {}), SKIP: [reason, detail]}
+
+
+def _metadata_row(line: bytes, folder: Path, caption_column: str) -> dict:
+    """One metadata.jsonl line -> {"image": path, caption: str or list of str, other keys}, or, if it cannot be
+    used, {SKIP: [reason, why and what is accepted]} (with the other keys when only the caption is wrong)."""
+    try:
+        row = json.loads(line.rstrip())
+    except UnicodeDecodeError:
+        return _skip("metadata line not JSON", "not UTF-8 text; accepted: one JSON object per line")
+    except json.JSONDecodeError as e:
+        return _skip("metadata line not JSON", f"{e.msg} at column {e.colno}; accepted: one JSON object per line")
+    if not isinstance(row, dict):
+        return _skip("metadata line not JSON", f"{line.rstrip()[:60]!r} is not an object; accepted: one JSON object "
+                     "per line")
+    file_name = row.pop("file_name", None)
+    relative = os.path.normpath(file_name) if isinstance(file_name, str) and file_name else ""
+    # As `datasets` does: a file_name must not reach outside the folder (no "..", absolute path or URL).
+    if not relative or "://" in file_name or os.path.isabs(relative) or relative.split(os.sep)[0] == "..":
+        shown = "missing" if file_name is None else repr(file_name)
+        return _skip("no usable file_name", f"file_name {shown}; accepted: a path inside the folder of "
+                     "metadata.jsonl, relative to it")
+    row = {"image": str(folder / relative), **row}
+    caption = row.get(caption_column)
+    captions = caption_list(caption)
+    if not captions:
+        kind = "missing"
+        if caption_column in row:  # None keeps the column's type; the row is skipped anyway
+            kind, row[caption_column] = f"{json.dumps(caption)[:60]} is not text", None
+        return _skip("no caption", f"{file_name}: caption {kind}; accepted: a string (\"\" = unconditional), a "
+                     "number, or a list of them", row)
+    row[caption_column] = captions if isinstance(caption, list) else captions[0]
+    return row
+
+
+def read_metadata(files: list[str], root: Path, caption_column: str) -> datasets.Dataset:
+    """The rows of an imagefolder's metadata.jsonl files as a Dataset. A row that cannot be used keeps its
+    place with SKIP = [reason, "file line N: why; what is accepted"]: iter_examples counts it with bad images."""
+    rows = []
+    for file in files:
+        name = os.path.relpath(file, root)
+        with open(file, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = _metadata_row(line, Path(file).parent, caption_column)
+                if SKIP in row:
+                    row[SKIP][1] = f"{name} line {number}: {row[SKIP][1]}"
+                rows.append(row)
+    if any(isinstance(row.get(caption_column), list) for row in rows):  # strings and lists mix: all lists
+        for row in rows:
+            if isinstance(row.get(caption_column), str):
+                row[caption_column] = [row[caption_column]]
+    keys = dict.fromkeys(["image", *(k for row in rows for k in row)])
+    return datasets.Dataset.from_dict({k: _column([row.get(k) for row in rows], k, root) for k in keys})
+
+
+def _column(values: list, key: str, root: Path) -> list:
+    """A metadata column as `datasets` can store it: an extra column mixing JSON types is kept as JSON text."""
+    try:
+        pa.array(values)
+        return values
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        log.warning(f"data: {root}: metadata column {key!r} mixes JSON types; kept as JSON text")
+        return [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,7 +221,7 @@ def decode_image(value: Any) -> Image.Image | None:
         image.load()  # decode now: truncated data raises here, not later in a worker
         if image.width < 1 or image.height < 1:
             return None
-        return to_rgb(image)
+        return to_rgb(ImageOps.exif_transpose(image))  # phone photos are stored sideways + an EXIF rotation
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
 
@@ -139,34 +234,67 @@ def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
     return TF.pil_to_tensor(image)
 
 
-def caption_list(value: Any) -> list[str]:
-    """A caption cell -> its candidate captions (a column may hold one string or several)."""
+def _text(value: Any) -> list[str]:
+    # A number is text written without quotes (a year, a count); a bool, null or object is not a caption.
     if isinstance(value, str):
         return [value]
-    if isinstance(value, (list, tuple)):
-        return [c for c in value if isinstance(c, str)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [str(value)]
     return []
 
 
+def caption_list(value: Any) -> list[str]:
+    """A caption cell -> its candidate captions (a column may hold one caption or a list of them)."""
+    if isinstance(value, (list, tuple)):
+        return [c for v in value for c in _text(v)]
+    return _text(value)
+
+
+def _tally(counter: Counter, reason: str, message: str) -> None:
+    counter[reason] += 1
+    if counter[reason] <= LISTED:
+        more = f" (after {LISTED}, rows like this are counted, not listed)" if counter[reason] == LISTED else ""
+        log.warning(f"data: {message}{more}")
+
+
+def _image_reason(value: Any) -> str:
+    # A file to read (its bytes are not in the dataset) that is not there is missing, not corrupt.
+    file = value.get("path") if isinstance(value, dict) and not value.get("bytes") else None
+    return "image file not found" if file and not os.path.exists(file) else UNDECODABLE
+
+
 def iter_examples(
-    ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, skipped: Counter, desc: str = ""
+    ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, skipped: Counter, desc: str = "",
+    notes: Counter | None = None,
 ) -> Iterator[tuple[torch.Tensor, list[str], dict]]:
-    """Yield (uint8 (3, R, R), candidate captions, the other columns), skipping and counting bad rows."""
-    for row in tqdm(ds, desc=desc or "decoding images", disable=not desc, mininterval=2.0):
-        image = decode_image(row[cfg.image_column])
+    """Yield (uint8 (3, R, R), candidate captions, the other columns), skipping bad rows: each is counted in
+    `skipped` by reason and the first few are named in the log. `notes` counts rows kept but worth a mention."""
+    notes = Counter() if notes is None else notes
+    for index, row in enumerate(tqdm(ds, desc=desc or "decoding images", disable=not desc, mininterval=2.0)):
+        if row.get(SKIP):  # a metadata row read_metadata could not use
+            _tally(skipped, row[SKIP][0], f"skipped {row[SKIP][1]}")
+            continue
+        value = row[cfg.image_column]
+        name = (value.get("path") if isinstance(value, dict) else None) or f"row {index}"
+        image = decode_image(value)
         if image is None:
-            skipped["undecodable image (corrupt, truncated or empty)"] += 1
+            reason = _image_reason(value)
+            _tally(skipped, reason, f"skipped {name}: {reason}")
             continue
         captions = caption_list(row[cfg.caption_column])
         if not captions:
-            skipped["no caption"] += 1
+            _tally(skipped, "no caption", f"skipped {name}: no caption")
             continue
-        extra = {k: v for k, v in row.items() if k not in (cfg.image_column, cfg.caption_column)}
+        if not any(c.strip() for c in captions):
+            _tally(notes, EMPTY_CAPTION, f"kept {name} {EMPTY_CAPTION}")
+        extra = {k: v for k, v in row.items() if k not in (cfg.image_column, cfg.caption_column, SKIP)}
         yield preprocess(image, cfg.resolution), captions, extra
 
 
-def summary(source: str, split: str, kept: int, skipped: Counter) -> str:
+def summary(source: str, split: str, kept: int, skipped: Counter, notes: Counter | None = None) -> str:
     line = f"data: {source!r} split {split!r}: {kept} images"
+    if notes:
+        line += " (" + ", ".join(f"{n} {why}" for why, n in notes.most_common()) + ")"
     if skipped:
         reasons = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
         line += f", skipped {sum(skipped.values())} ({reasons})"
@@ -195,20 +323,21 @@ class ImageCaptions(torch.utils.data.Dataset):
 
     @classmethod
     def from_split(cls, cfg: DataConfig, split: str, progress: bool = True) -> "ImageCaptions":
-        skipped: Counter = Counter()
+        skipped, notes = Counter(), Counter()
         images, captions, columns = [], [], {}
         ds = open_split(dataclasses.replace(cfg, streaming=False), split)
-        for image, caps, extra in iter_examples(ds, cfg, skipped, desc=f"loading {split}" if progress else ""):
+        desc = f"loading {split}" if progress else ""
+        for image, caps, extra in iter_examples(ds, cfg, skipped, desc, notes):
             images.append(image)
             captions.append(caps)
             for key, value in extra.items():
                 columns.setdefault(key, []).append(value)
-        log.info(summary(dataset_source(cfg), split, len(images), skipped))
+        log.info(summary(dataset_source(cfg), split, len(images), skipped, notes))
         if not images:
             raise DataError(f"dataset {dataset_source(cfg)!r} split {split!r} has no usable images "
                             f"({sum(skipped.values())} skipped)")
         dataset = cls(torch.stack(images), captions, columns, seed=cfg.seed)
-        dataset.skipped = skipped
+        dataset.skipped, dataset.notes = skipped, notes
         return dataset
 
     def __len__(self) -> int:
@@ -238,6 +367,7 @@ class StreamingImageCaptions(torch.utils.data.IterableDataset):
         self.ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
         self.epoch = 0
         self.skipped: Counter = Counter()
+        self.notes: Counter = Counter()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -245,10 +375,11 @@ class StreamingImageCaptions(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         kept = 0
-        for index, (image, captions, _) in enumerate(iter_examples(self.ds, self.cfg, self.skipped)):
+        rows = iter_examples(self.ds, self.cfg, self.skipped, notes=self.notes)
+        for index, (image, captions, _) in enumerate(rows):
             kept += 1
             yield {"image": image, "caption": pick_caption(captions, self.cfg.seed, self.epoch, index), "index": index}
-        log.info(summary(dataset_source(self.cfg), self.split, kept, self.skipped))
+        log.info(summary(dataset_source(self.cfg), self.split, kept, self.skipped, self.notes))
 
 
 def ensure_dataset(cfg: DataConfig) -> None:
