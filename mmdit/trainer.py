@@ -17,11 +17,12 @@ learning rate and the data order are pure functions of the step.
 from __future__ import annotations
 
 import copy
+import ctypes
+import dataclasses
 import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -33,16 +34,18 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, load as load_pickled
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from accelerate.utils import broadcast_object_list
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from mmdit import fsdp, precision
-from mmdit.weights import atomic_write, check_shapes, cpu_state
+from mmdit.checkpoints import Checkpoints
+from mmdit.weights import atomic_write
 
 log = get_logger("mmdit.train")
+# The exit code of a run stopped by SIGTERM / SIGINT after checkpointing: not done, resumable (EX_TEMPFAIL), so
+# a scheduler does not take it for a finished job.
+STOPPED_RESUMABLE = 75
 
 
 @dataclass
@@ -114,145 +117,20 @@ def lr_factor(step: int, cfg: StageConfig) -> float:
     return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class CheckpointError(RuntimeError):
-    """Checkpoints exist but none can be loaded, or the one asked for cannot be."""
-
-
-def checkpoint_stage(path: str | Path) -> str:
-    """The stage ("vqvae", "dit") a checkpoint directory belongs to; ValueError if it is not one."""
-    path = Path(path)
-    if not (path / "step.json").is_file():
-        raise ValueError(f"{path} is not a checkpoint directory (no step.json); "
-                         "accepted: auto, never, or a directory like <output_dir>/dit/checkpoints/step-00000500")
-    return json.loads((path / "step.json").read_text()).get("stage", path.parent.parent.name)
-
-
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {next((line.strip() for line in str(e).splitlines() if line.strip()), '')}"
-
-
-class Checkpoints:
-    """`dir/step-00001000/` folders written by accelerate's save_state (model as safetensors, optimizer,
-    grad scaler and RNG states as torch pickles, read back with weights_only=True; under FSDP the whole model
-    and optimizer as safetensors, see mmdit/fsdp.py), plus `ema.safetensors`,
-    one `data_state_<rank>.json` per process for streamed data, and `step.json`, which marks the checkpoint
-    complete. A checkpoint is written into `.tmp-step-*` and renamed into place when every process has
-    finished writing, so a kill at any moment (also mid-save) leaves the previous checkpoints intact."""
-
-    def __init__(self, directory: Path, keep: int, stage: str = "", model: torch.nn.Module | None = None,
-                 ema: torch.nn.Module | None = None, data_state=None, sharded: tuple | None = None):
-        self.dir, self.keep, self.stage = Path(directory), keep, stage
-        self.model, self.ema, self.data_state = model, ema, data_state  # model: unwrapped, for a shape check
-        self.sharded = sharded  # under FSDP: (the prepared model, the torch optimizer), saved by mmdit.fsdp
-        self.precision: str | None = None  # the stage's mixed precision: recorded with each checkpoint, read back
-
-    def all(self) -> list[Path]:
-        return sorted(p for p in self.dir.glob("step-*") if (p / "step.json").is_file())
-
-    def save(self, accelerator: Accelerator, step: int) -> Path:
-        final = self.dir / f"step-{step:08d}"
-        tmp = self.dir / f".tmp-step-{step:08d}"
-        if accelerator.is_main_process:
-            for stale in self.dir.glob(".tmp-step-*"):  # left by a save that was killed
-                shutil.rmtree(stale, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        if self.sharded:
-            fsdp.save_state(accelerator, *self.sharded, tmp)
-        else:
-            accelerator.save_state(str(tmp), safe_serialization=True)
-        if self.data_state is not None:
-            (tmp / f"data_state_{accelerator.process_index}.json").write_text(json.dumps(self.data_state.state_dict()))
-        accelerator.wait_for_everyone()  # every process's files are in `tmp` before it becomes a checkpoint
-        if accelerator.is_main_process:
-            if self.ema is not None:
-                save_file(cpu_state(self.ema), str(tmp / "ema.safetensors"))
-            (tmp / "step.json").write_text(json.dumps({"step": step, "stage": self.stage,
-                                                       "mixed_precision": self.precision}))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in self.all()[:-self.keep] if self.keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return final
-
-    def load(self, accelerator: Accelerator, path: Path) -> int:
-        info = json.loads((path / "step.json").read_text())
-        # accelerate skips an unreadable RNG file with an info line; exact resume needs it, so read it first.
-        load_pickled(path / f"random_states_{accelerator.process_index}.pkl")
-        if (path / "optimizer.json").is_file() != bool(self.sharded):  # the optimizer's two file formats
-            raise ValueError(f"written {'without' if self.sharded else 'with'} FSDP; accepted: resuming it with "
-                             f"the kind of launch that wrote it ({'DDP or one process' if self.sharded else 'FSDP'})")
-        if self.model is not None:  # one clear line for weights of another config
-            with safe_open(str(path / "model.safetensors"), "pt") as f:
-                check_shapes({k: f.get_slice(k).get_shape() for k in f.keys()}, self.model.state_dict(),
-                             path / "model.safetensors")
-        if self.sharded:
-            fsdp.load_state(accelerator, *self.sharded, path)
-        else:
-            accelerator.load_state(str(path))
-        if self.ema is not None:
-            self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
-        if self.data_state is not None:
-            self.data_state.load_state_dict(
-                json.loads((path / f"data_state_{accelerator.process_index}.json").read_text()))
-        self.precision = info.get("mixed_precision")
-        return info["step"]
-
-    def _load_everywhere(self, accelerator: Accelerator, path: Path) -> tuple[int | None, str]:
-        """Load on every process; a checkpoint counts only if it loaded on all of them."""
-        try:
-            step, error = self.load(accelerator, path), ""
-        except Exception as e:  # a damaged checkpoint must not cost the older, good ones
-            step, error = None, _one_line(e)
-            log.warning(f"{self.stage}: checkpoint {path} failed to load ({error})", main_process_only=False)
-        failed = torch.tensor([int(step is None)], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            failed = accelerator.gather(failed)
-        return (None if bool(failed.any()) else step), error
-
-    def set_aside(self, accelerator: Accelerator, paths: list[Path], why: str) -> None:
-        """Move checkpoints out of auto-resume's way, never deleting them: to `checkpoints.old-<n>/`."""
-        if paths and accelerator.is_main_process:
-            aside = next(self.dir.with_name(f"{self.dir.name}.old-{i}") for i in range(1, 10**6)
-                         if not self.dir.with_name(f"{self.dir.name}.old-{i}").exists())
-            aside.mkdir(parents=True)
-            for path in paths:
-                os.replace(path, aside / path.name)
-            log.warning(f"{self.stage}: {why}: moved the checkpoints {[p.name for p in paths]} to {aside}")
-        accelerator.wait_for_everyone()
-
-    def resume(self, accelerator: Accelerator, how: str = "auto") -> int:
-        """`how`: "auto" = the newest checkpoint that loads, "never" = start over, or a checkpoint directory
-        (of this stage; other stages resume "auto"). Checkpoints this leaves behind (all with "never", the
-        newer ones with a path) are set aside, not deleted. Returns the step to continue from (0 = start)."""
-        if how not in ("auto", "never") and checkpoint_stage(how) == self.stage:
-            step, error = self._load_everywhere(accelerator, Path(how))
-            if step is None:
-                raise CheckpointError(f"train.resume={how}: the checkpoint cannot be loaded ({error}); "
-                                      "accepted: a complete checkpoint directory of this config, auto or never")
-            self.set_aside(accelerator, [p for p in self.all() if p.name > f"step-{step:08d}"], f"train.resume={how}")
-            return step
-        if accelerator.is_main_process:
-            for partial in sorted(self.dir.glob(".tmp-step-*")):
-                log.warning(f"{self.stage}: ignoring {partial}: an interrupted save, never completed")
-        if how == "never":
-            self.set_aside(accelerator, self.all(), "train.resume=never")
-            return 0
-        errors = []
-        for path in reversed(self.all()):
-            step, error = self._load_everywhere(accelerator, path)
-            if step is not None:
-                return step
-            errors.append(f"{path.name}: {error}")
-        if errors:  # the model may hold half of a damaged checkpoint: never train on from there
-            raise CheckpointError(f"no checkpoint in {self.dir} can be loaded ({'; '.join(errors)}); accepted: "
-                                  "checkpoints written with this config, or train.resume=never to start this "
-                                  "stage over (they are moved aside)")
-        return 0
+def stop_with_parent() -> None:
+    """Have Linux send this process SIGTERM when its parent dies. A launcher (accelerate launch, torchrun) sent
+    SIGTERM by a scheduler exits at once; without this its worker trains on, orphaned, and collides with the
+    rerun. The SIGTERM then takes StopSignal's path: finish the step, checkpoint, stop."""
+    if not os.uname().sysname == "Linux":
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class StopSignal:
-    """SIGTERM / SIGINT during training: finish the current step, checkpoint, exit 0. A second Ctrl-C
+    """SIGTERM / SIGINT during training: finish the current step, checkpoint, exit STOPPED_RESUMABLE. A second Ctrl-C
     aborts at once (the checkpoints on disk stay intact); a SIGTERM after a SIGINT (what a launcher sends
     to its workers) changes nothing."""
 
@@ -411,7 +289,7 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
     model, optimizer = accelerator.prepare(model, optimizer)
     plain = whole if sharded else accelerator.unwrap_model(model)
     checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints, name, plain, ema, data_state,
-                              (model, optimizer.optimizer) if sharded else None)
+                              (model, optimizer.optimizer) if sharded else None, dataclasses.asdict(cfg))
     start = checkpoints.resume(accelerator, resume)
     live = list(model.parameters())  # shards (DTensors) under FSDP
     if ema is not None:  # updated where the parameters are: whole tensors, or each process's shards
@@ -503,8 +381,11 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
             if stopping:
                 bar.close()
                 log.warning(f"{name}: stopped by {stopping} after step {done}; checkpoint {path}. "
-                            "Run the same command again to resume")
+                            f"Run the same command again to resume (exit code {STOPPED_RESUMABLE})")
                 accelerator.end_training()
-                raise SystemExit(0)
+                raise SystemExit(STOPPED_RESUMABLE)
+    if cfg.steps > start and bad_steps.total == cfg.steps - start:  # shorter than max_bad_steps, all of it bad
+        raise TrainingDiverged(f"{name}: every step ({start + 1} to {cfg.steps}) had a non-finite loss or gradient; "
+                               f"nothing was learned or exported; lower {cfg.section}.lr or check the data")
     gather(with_model=True)
     return plain

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmdit.trainer import CheckpointError, batch_indices
+from mmdit.checkpoints import CheckpointError
+from mmdit.trainer import batch_indices
 from train.train import main
 
 from conftest import PRECISION, tiny_args, tolerance

@@ -17,7 +17,8 @@ from accelerate import Accelerator
 from accelerate.utils import load as load_pickled
 from safetensors.torch import load_file
 
-from mmdit.trainer import CheckpointError, Checkpoints, StageConfig, TrainingDiverged, batch_indices, fit
+from mmdit.checkpoints import CheckpointError, Checkpoints
+from mmdit.trainer import STOPPED_RESUMABLE, StageConfig, TrainingDiverged, batch_indices, fit
 from train.train import main
 
 from conftest import PRECISION, tiny_args, tolerance
@@ -86,6 +87,7 @@ def test_interrupted_save_and_damaged_checkpoints_fall_back(tmp_path, caplog):
         assert ckpts.resume(accelerator) == 2
     assert torch.all(model.weight == 2)
     assert ".tmp-step-00000004: an interrupted save" in caplog.text
+    assert not (tmp_path / ".tmp-step-00000004").exists()  # removed: never complete, only taking space
     assert "step-00000003 failed to load" in caplog.text
 
     rng = tmp_path / "step-00000002" / "random_states_0.pkl"  # accelerate alone would skip it silently
@@ -151,7 +153,7 @@ def test_sigterm_finishes_the_step_checkpoints_exits_0_and_resumes_exactly(tmp_p
     reference = toy_fit(tmp_path / "ref", steps=8, gradient_accumulation_steps=2)
     with caplog.at_level("WARNING"), pytest.raises(SystemExit) as stop:
         toy_fit(tmp_path / "run", steps=8, signal_at=4, gradient_accumulation_steps=2)
-    assert stop.value.code == 0
+    assert stop.value.code == STOPPED_RESUMABLE  # not 0: a scheduler must not take it for a finished job
     assert "toy: stopped by SIGTERM after step 5; checkpoint" in caplog.text  # step 4 (of 0..7) was finished
     assert (tmp_path / "run" / "checkpoints" / "step-00000005" / "step.json").is_file()
     assert signal.getsignal(signal.SIGTERM) is handler
@@ -182,6 +184,11 @@ def test_persistent_non_finite_steps_stop_the_run_with_the_last_good_checkpoint(
                                                r"\(up to step 6; stage.max_bad_steps=3\); stopped.*step-00000006"):
         toy_fit(tmp_path / "bad", steps=20, schedule="constant", max_bad_steps=3, nan_loss=set(range(2, 20)))
     assert_same_tensors(good, load_file(tmp_path / "bad/checkpoints/step-00000006/model.safetensors"), "last good")
+
+
+def test_a_stage_whose_every_step_was_bad_fails_instead_of_exporting(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"toy: every step \(1 to 4\) had a non-finite loss or gradient"):
+        toy_fit(tmp_path, steps=4, max_bad_steps=10, nan_loss=set(range(4)))
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):

@@ -12,6 +12,7 @@ Everything a run writes goes under `train.output_dir` (the resolved config first
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -37,7 +38,9 @@ from mmdit.flow import flow_loss, sample_t
 from mmdit.grid import save_grid, to_pil
 from mmdit.pipeline import PipelineInfo, TextToImagePipeline
 from mmdit.text_encoder import CaptionCache, TextEncoder, TextEncoderLoadError
-from mmdit.trainer import CheckpointError, TrainingDiverged, batch_indices, checkpoint_stage, fit, multi_cpu
+from mmdit.checkpoints import CheckpointError, DiskFull, checkpoint_stage, remove_partial_saves
+from mmdit.runlock import RunLock, RunLocked
+from mmdit.trainer import TrainingDiverged, batch_indices, fit, multi_cpu, stop_with_parent
 from mmdit.vqvae import VQVAE, code_stats, psnr
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
@@ -315,6 +318,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     check_inputs(cfg)
+    # One run per output directory; the job's main process holds the lock (if it stops, the launcher stops the rest).
+    with RunLock(cfg.train.output_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        run(cfg)
+
+
+def run(cfg: Config) -> None:
     accelerator = Accelerator(mixed_precision=precision.accelerator_precision(cfg.train.mixed_precision), cpu=multi_cpu(),
                               log_with="tensorboard", project_dir=cfg.train.output_dir)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
@@ -325,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        remove_partial_saves(out)  # before anything else writes: after a full disk they keep it full
         cfg.save(out / "config.yaml")
         ensure_dataset(cfg.data)
     accelerator.wait_for_everyone()
@@ -340,9 +350,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """The command line: exit code 2 and one `error: ...` line for a mistake in the config or the data."""
-    return run_cli(main, argv, user_errors=(ConfigError, DataError, TextEncoderLoadError, CheckpointError),
-                   failures=(TrainingDiverged,))
+    """The command line. Exit codes: 0 done; 2 and one `error: ...` line for a mistake in the config or the data
+    or an output directory another run holds; 1 (one line too) for a diverged run or a full disk; 75 stopped by
+    SIGTERM / SIGINT after a checkpoint, resumable by the same command."""
+    stop_with_parent()
+    return run_cli(main, argv, user_errors=(ConfigError, DataError, TextEncoderLoadError, CheckpointError, RunLocked),
+                   failures=(TrainingDiverged, DiskFull))
 
 
 if __name__ == "__main__":
