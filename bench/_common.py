@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/x.py` from a checkout
+from mmdit import compat
 from mmdit.config import load_config
 from mmdit.dit import DiT, DiTConfig
 
@@ -95,7 +96,7 @@ def native_bf16() -> bool:
     """AMX / AVX512-BF16 (what `mixed_precision: auto` checks); without them bf16 runs reference kernels."""
     if DEVICE.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return compat.cpu_has_native_bf16()
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:

@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 from _common import DEFAULT_CONFIG, machine, table
 
+import mmdit.stages.dit as dit_stage
 import train.train as train_script
 from mmdit import trainer
+from mmdit.checkpoints import Checkpoints
 from mmdit.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,15 +114,15 @@ def main() -> None:
                      *a.overrides, "train.stage=dit", f"train.output_dir={tmp}", f"dit_train.steps={a.steps}",
                      f"train.cpu_threads={a.threads}", "train.resume=never"]
         cfg = load_config(DEFAULT_CONFIG, overrides)
-        train_script.fit = instrumented_fit(timers)
-        save = trainer.Checkpoints.save
-        trainer.Checkpoints.save = timers.wrap("checkpoint", save)
+        dit_stage.fit = instrumented_fit(timers)
+        save = Checkpoints.save
+        Checkpoints.save = timers.wrap("checkpoint", save)
         try:
             train_script.main(["--config", str(DEFAULT_CONFIG), *overrides])
         except _Done:
             pass
         finally:
-            trainer.Checkpoints.save = save
+            Checkpoints.save = save
         checkpoint_seconds = statistics.median(timers.calls["checkpoint"]) if timers.calls["checkpoint"] else 0.0
 
     # Step i runs from its get_batch to the next one; the first 2 (warm-up) and the last (final grid and

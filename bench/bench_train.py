@@ -1,5 +1,5 @@
-"""Benchmark one DiT training step: forward + backward + grad clip + AdamW (fused) + EMA (foreach lerp), as
-mmdit/trainer.py's fit runs it, on random inputs.
+"""Benchmark one DiT training step: forward + backward + grad clip + AdamW (fused) + EMA (foreach lerp), through
+mmdit.trainer.train_step and ema_update, the functions fit runs, on random inputs.
 
     python bench/bench_train.py [--setting matched,default,gpu] [--mode cross,joint] [--dtype fp32,bf16]
                                 [--device cpu|cuda] [--threads 1] [--reps 3] [--compare-diffusers] [--compile]
@@ -28,6 +28,7 @@ import time
 
 import _common
 import torch
+from accelerate import Accelerator
 from _common import (
     DTYPES,
     Setting,
@@ -45,6 +46,7 @@ from _common import (
 )
 from torch.utils import flop_counter
 
+from mmdit import trainer
 from mmdit.flow import flow_loss, sample_t
 
 # FlopCounterMode knows the CUDA attention kernels only; count the CPU flash kernel with the same formulas.
@@ -68,20 +70,24 @@ def loss_of(model, batch_inputs) -> torch.Tensor:
     return flow_loss(lambda x, t_: model(x, t_, text, mask, pooled), x0, t, noise).mean()
 
 
+def shared_accelerator() -> Accelerator:
+    """accelerate keeps one state per process: every call returns an Accelerator over it."""
+    return Accelerator(cpu=_common.DEVICE.type == "cpu", mixed_precision="no")
+
+
 def train_step(model, batch_inputs, dtype: torch.dtype):
-    """A closure running one step as trainer.fit does (accelerate's autocast, clip, AdamW, EMA lerp)."""
+    """A closure running one optimizer step exactly as trainer.fit does: mmdit.trainer.train_step (autocast,
+    backward, clip, the guarded fused AdamW step), then the EMA update."""
+    accelerator = shared_accelerator()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), fused=True)
+    model, opt = accelerator.prepare(model, torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), fused=True))
     ema = [p.detach().clone() for p in params]
+    precision = "bf16" if dtype == torch.bfloat16 else "no"
 
     def step():
-        with torch.autocast(_common.DEVICE.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = loss_of(model, batch_inputs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(ema, params, 1e-3)
+        *_, bad, _ = trainer.train_step(accelerator, model, opt, [batch_inputs], lambda m, b: (loss_of(m, b), {}),
+                                        precision, grad_clip=1.0)
+        trainer.ema_update(ema, params, step=1000, decay=0.999, bad=bad)
     return step
 
 
@@ -120,6 +126,7 @@ def gpu_peak_mb(step) -> float | None:
 def bench(s: Setting, dtype_name: str, impls: list[str], reps: int, compile_: bool, bf16_batch: int) -> list[dict]:
     dtype = DTYPES[dtype_name]
     batch = s.batch if dtype == torch.float32 or native_bf16() else bf16_batch
+    shared_accelerator().free_memory()  # forget the previous setting's prepared models
     models = {impl: build(impl, s.cfg) for impl in impls}
     batch_inputs = inputs(s, batch)
     steps = {impl: train_step(m, batch_inputs, dtype) for impl, m in models.items()}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
 import re
 import sys
 import types
@@ -22,9 +21,11 @@ from typing import Any, Callable, ClassVar, Optional, Union
 
 import yaml
 
+from mmdit.checks import check_guidance, check_int, check_seed, check_steps, check_text
 from mmdit.dit import DiTConfig
 from mmdit.trainer import StageConfig
 from mmdit.vqvae import VQVAEConfig
+from mmdit.weights import try_write
 
 
 class ConfigError(ValueError):
@@ -50,8 +51,12 @@ class DataConfig:
     holdout: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        if self.resolution < 1:
-            raise ValueError(f"data.resolution={self.resolution}; accepted: an integer >= 1")
+        check_text("data.name", self.name, "shapes, a Hugging Face dataset name or a local dataset directory")
+        if self.name == "shapes":
+            check_text("data.path", self.path, "the directory of the shapes dataset (generated when missing)")
+            check_int("data.num_images", self.num_images)
+        check_int("data.resolution", self.resolution)
+        check_seed("data.seed", self.seed, bits=32)  # numpy's seed range: shapes generation, shuffling
 
 
 @dataclass
@@ -99,10 +104,9 @@ class SampleConfig:
     snap_to_codes: bool = True  # snap sampled latents to the nearest VQ code before decoding
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"sample.steps={self.steps}; accepted: an integer >= 1")
-        if self.guidance < 0:
-            raise ValueError(f"sample.guidance={self.guidance}; accepted: a number >= 0 (1 = no guidance)")
+        check_steps("sample.steps", self.steps)
+        check_guidance("sample.guidance", self.guidance)
+        check_seed("sample.seed", self.seed)
         if self.sampler not in ("euler", "heun"):
             raise ValueError(f"sample.sampler={self.sampler!r}; accepted: euler, heun")
 
@@ -123,6 +127,9 @@ class TrainConfig:
     resume: str = "auto"
 
     def __post_init__(self):
+        check_text("train.output_dir", self.output_dir, "a directory path (created when missing)")
+        check_text("train.cache_dir", self.cache_dir, "a directory path (created when missing)")
+        check_seed("train.seed", self.seed, bits=32)  # accelerate's set_seed seeds numpy too
         if self.stage not in ("all", "data", "vqvae", "dit"):
             raise ValueError(f"train.stage={self.stage!r}; accepted: all, data, vqvae, dit")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -292,15 +299,23 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def check_writable(path: str | Path, what: str) -> None:
-    """ConfigError unless `path` (a file or directory to be written, maybe not there yet) can be created."""
+def check_writable(path: str | Path, what: str, is_file: bool = False) -> None:
+    """ConfigError unless `path`, a directory (or with `is_file` a file) to be written, maybe not there yet, can
+    be: its nearest existing directory must take a new file. Tried for real: os.access says yes to root
+    everywhere, /proc and read-only mounts included."""
     path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    if existing == path and path.is_file():
-        existing = path.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError(f"{what}={path} cannot be written: {existing} is not a writable directory; "
-                          "accepted: a path in a writable directory")
+    if path.exists() and path.is_dir() == is_file:
+        kind, accepted = ("a directory", "a file path") if is_file else ("a file", "a directory path")
+        raise ConfigError(f"{what}={path} is {kind}; accepted: {accepted}")
+    start = path.parent if is_file else path
+    existing = next((p for p in (start, *start.parents) if p.exists()), Path("."))
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        try_write(existing)
+    except OSError as e:
+        raise ConfigError(f"{what}={path} cannot be written: {existing} is not a writable directory "
+                          f"({e.strerror or e}); accepted: a path in a writable directory") from None
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None,

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmdit import weights
+from mmdit.checks import check_int, check_number
 
 
 @dataclass
@@ -43,11 +44,14 @@ class DiTConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self):
+        for key in ("in_channels", "input_size", "patch_size", "width", "depth", "heads", "text_dim"):
+            check_int(f"dit.{key}", getattr(self, key))
+        check_number("dit.mlp_ratio", self.mlp_ratio, "a number > 0", lambda v: v > 0)
         if self.mode not in ("cross", "joint"):
             raise ValueError(f"dit.mode={self.mode!r}; accepted: cross, joint")
         if self.pos_embed not in ("sincos", "rope"):
             raise ValueError(f"dit.pos_embed={self.pos_embed!r}; accepted: sincos, rope")
-        if self.heads < 1 or self.width % self.heads:
+        if self.width % self.heads:
             raise ValueError(f"dit.width={self.width} is not divisible by dit.heads={self.heads}; "
                              "accepted: a width that is a multiple of heads")
         # Both split channels evenly between the two axes, in pairs: sin-cos over width, RoPE over each head.
@@ -56,7 +60,7 @@ class DiTConfig:
         if self.pos_embed == "rope" and (self.width // self.heads) % 4:
             raise ValueError(f"dit.width={self.width}, dit.heads={self.heads}: 2D RoPE needs a head size "
                              "(width / heads) that is a multiple of 4; accepted: such width and heads")
-        if self.patch_size < 1 or self.input_size % self.patch_size:
+        if self.input_size % self.patch_size:
             raise ValueError(f"dit.input_size={self.input_size} is not divisible by "
                              f"dit.patch_size={self.patch_size}; accepted: a patch_size that divides input_size")
 

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from mmdit.compat import load_accelerator_state, save_accelerator_state
 
 
 def is_fsdp(accelerator: Accelerator) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
+import math
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,11 +29,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mmdit.checks import check_guidance, check_int, check_seed, check_steps
 from mmdit.dit import DiT
 from mmdit.flow import cfg_combine, sample
 from mmdit.grid import to_pil
 from mmdit.text_encoder import TextEmbeddings, TextEncoder, conditioning
 from mmdit.vqvae import VQVAE
+from mmdit.weights import ExportError, atomic_write, load_dataclass
 
 
 @dataclass
@@ -45,24 +47,48 @@ class PipelineInfo:
     snap_to_codes: bool = True
     text_encoder_id: str | None = None  # TextEncoder.resolved_id in training; None in older exports
 
+    def __post_init__(self):  # what a damaged or hand-edited pipeline.json can get wrong
+        for key in ("text_encoder", "text_encoder_id"):
+            if not isinstance(getattr(self, key), (str, type(None))):
+                raise ValueError(f"{key}={getattr(self, key)!r}; accepted: a string or null")
+        check_int("max_length", self.max_length)
+        if not isinstance(self.snap_to_codes, bool):
+            raise ValueError(f"snap_to_codes={self.snap_to_codes!r}; accepted: true or false")
+        for key in ("latent_mean", "latent_std"):
+            stats = getattr(self, key)
+            if not (isinstance(stats, list) and len(stats) == len(self.latent_mean) > 0 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stats)):
+                raise ValueError(f"{key}={stats!r}; accepted: finite numbers, one per latent channel, as many "
+                                 "in latent_mean as in latent_std")
+
 
 def noise_seed(seed: int, index: int) -> int:
     """The 64-bit noise seed of image `index` of a run seeded `seed`. A hash, because any linear mix such as
     seed * K + index collides ((1, 0) == (0, K)); a function of (seed, index) alone, so a picture does not
     depend on how prompts are batched or sharded."""
-    for name, value in (("seed", seed), ("index", index)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"{name}={value!r}; accepted: an integer")
-    key = f"{int(seed)},{int(index)}".encode()  # int(): numpy's integers hash as Python's
+    # As Python ints (what the checks return): numpy's integers hash as Python's.
+    key = f"{check_seed('seed', seed)},{check_int('index', index, low=0)}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
 def check_sampling(num_steps: int, guidance_scale: float, seed: int = 0) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps={num_steps!r}; accepted: an integer >= 1")
-    if not guidance_scale >= 0:  # also NaN
-        raise ValueError(f"guidance_scale={guidance_scale}; accepted: >= 0 (1 = no guidance)")
-    noise_seed(seed, 0)  # a seed it cannot take fails here, before any work
+    check_steps("num_steps", num_steps)
+    check_guidance("guidance_scale", guidance_scale)  # an infinite scale gives black images, NaN ones NaN
+    check_seed("seed", seed)
+
+
+def check_prompts(prompts) -> list[str]:
+    # Before any work: a generator would be consumed by the length check, a dict would iterate its keys.
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        got = "a single string" if isinstance(prompts, str) else type(prompts).__name__
+        raise TypeError(f"prompts must be a list of strings, e.g. [\"a red circle\"]; got {got}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; accepted: a list of one or more strings (\"\" = unconditional)")
+    bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
+    if bad is not None:
+        raise TypeError(f"prompts[{bad}]={prompts[bad]!r} is a {type(prompts[bad]).__name__}; accepted: a list "
+                        "of strings")
+    return list(prompts)
 
 
 class TextToImagePipeline:
@@ -91,22 +117,32 @@ class TextToImagePipeline:
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path) -> "TextToImagePipeline":
+        """Load an exported run; a missing, damaged or mismatched file is one line naming it (ExportError)."""
         run_dir = Path(run_dir)
-        if not (run_dir / "pipeline.json").is_file():
+        path = run_dir / "pipeline.json"
+        if not path.is_file():
             raise FileNotFoundError(f"{run_dir} is not an exported mmdit run: no pipeline.json "
                                     "(train with `accelerate launch train/train.py`, which exports it)")
-        info = PipelineInfo(**json.loads((run_dir / "pipeline.json").read_text()))
-        return cls(DiT.from_pretrained(run_dir / "dit" / "model"), VQVAE.from_pretrained(run_dir / "vqvae" / "model"),
-                   info)
+        info = load_dataclass(PipelineInfo, path)
+        dit, vqvae = DiT.from_pretrained(run_dir / "dit" / "model"), VQVAE.from_pretrained(run_dir / "vqvae" / "model")
+        if not len(info.latent_mean) == dit.cfg.in_channels == vqvae.cfg.code_dim:
+            raise ExportError(f"{path}: {len(info.latent_mean)} latent channels, but the DiT takes "
+                              f"{dit.cfg.in_channels} and the VQ-VAE makes {vqvae.cfg.code_dim}; accepted: the "
+                              "files of one export (export the run again)")
+        return cls(dit, vqvae, info)
 
     def save_pretrained(self, run_dir: str | Path) -> None:
+        """pipeline.json marks a complete export: removed first, written last (every file atomically), so an
+        interrupted export reads as "not an exported run", never as the models of two exports."""
         run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "pipeline.json").unlink(missing_ok=True)
         self.dit.save_pretrained(run_dir / "dit" / "model")
         self.vqvae.save_pretrained(run_dir / "vqvae" / "model")
         info = self.info
         if info.text_encoder_id is None and self._text_encoder is not None:
             info = replace(info, text_encoder_id=self._text_encoder.resolved_id)
-        (run_dir / "pipeline.json").write_text(json.dumps(asdict(info), indent=2))
+        atomic_write(run_dir / "pipeline.json", json.dumps(asdict(info), indent=2).encode())
 
     @torch.no_grad()
     def generate(self, text: TextEmbeddings, null: TextEmbeddings, num_steps: int = 25, guidance_scale: float = 4.0,
@@ -144,12 +180,8 @@ class TextToImagePipeline:
 
     def __call__(self, prompts: list[str], num_steps: int = 25, guidance_scale: float = 4.0, seed: int = 0,
                  sampler: str = "euler", batch_size: int = 64, snap_to_codes: bool | None = None) -> list[Image.Image]:
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, e.g. [\"a red circle\"], not a single string")
-        if len(prompts) == 0:
-            raise ValueError("prompts is empty; accepted: a list of one or more strings (\"\" = unconditional)")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}; accepted: an integer >= 1")
+        prompts = check_prompts(prompts)
+        check_int("batch_size", batch_size)
         check_sampling(num_steps, guidance_scale, seed)  # before the text encoder loads
         null = self.text_encoder([""])
         images = []

@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from mmdit import compat
+
 CHOICES = ("auto", "no", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,11 +32,6 @@ def check(requested: str) -> str:
     return requested
 
 
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16 (oneDNN's own check; a private op, hence kept here alone)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def resolve(requested: str, device: torch.device) -> str:
     """-> "no" | "bf16" | "fp16", or "measure" where only a timing can tell (a bf16-native CPU)."""
     if check(requested) != "auto":
@@ -42,7 +39,7 @@ def resolve(requested: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type == "cpu":
-        return "measure" if cpu_has_native_bf16() else "no"
+        return "measure" if compat.cpu_has_native_bf16() else "no"
     return "no"
 
 

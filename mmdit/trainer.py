@@ -3,9 +3,9 @@ mixed precision, tensorboard scalars, a progress bar, periodic image grids, atom
 resume, a guard against non-finite steps, and a clean stop on SIGTERM / SIGINT.
 
 A stage supplies only what differs: the model, a `loss_fn(model, batch) -> (loss, logs)`, a
-`get_batch(step, shard, num_shards)` that is a pure function of its arguments (so a resumed run sees
-exactly the batches it would have seen; `shard` numbers this process's accumulation micro-batch among all
-of the step's, `num_shards` = processes x accumulation steps), and optionally `on_image(step, model)` (on the main
+`get_batch(step, slot, num_slots)` that is a pure function of its arguments (so a resumed run sees
+exactly the batches it would have seen; `slot` numbers this process's accumulation micro-batch among all
+of the step's, `num_slots` = processes x accumulation steps), and optionally `on_image(step, model)` (on the main
 process, with the model's whole weights) / an EMA model / a `data_state` (a streamed dataset's position:
 `state_dict()` / `load_state_dict()`, JSON-able). Under FSDP the loop gathers whole weights where it needs
 them (mmdit/fsdp.py); the stage code is the same.
@@ -38,7 +38,7 @@ from accelerate.utils import broadcast_object_list
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from mmdit import fsdp, precision
+from mmdit import compat, fsdp, precision
 from mmdit.checkpoints import Checkpoints
 from mmdit.weights import atomic_write
 
@@ -215,7 +215,7 @@ def train_step(accelerator: Accelerator, model: torch.nn.Module, optimizer, micr
     bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
     if accelerator.num_processes > 1:  # one verdict: a step skipped by some processes only would split the weights
         bad = accelerator.reduce(bad.int(), "sum") > 0
-    optimizer.optimizer.found_inf = bad.float()  # fused AdamW's own skip (a grad scaler, under fp16, sets its own)
+    compat.skip_step_if(optimizer, bad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm, bad, logs
@@ -315,7 +315,7 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
                                    "or check the data, then rerun to resume")
         return checkpoints.save(accelerator, done)
     bad_steps = BadSteps(cfg.log_every, accelerator.device, start)
-    accelerator.step = 0  # accumulation counter: a step always runs all its micro-batches
+    compat.restart_accumulation(accelerator)
     if start:
         log.info(f"{name}: resumed from step {start}")
     model.train()

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmdit import weights
+from mmdit.checks import check_int, check_number
 
 
 @dataclass
@@ -45,7 +46,17 @@ class VQVAEConfig:
         return self.patch_size * 2 ** (len(self.channel_mult) - 1)
 
     def __post_init__(self):
-        if self.downsample not in (1, 2, 4, 8, 16) or not self.channel_mult:
+        for key in ("patch_size", "channels", "codebook_size", "code_dim"):
+            check_int(f"vqvae.{key}", getattr(self, key))
+        check_int("vqvae.num_res_blocks", self.num_res_blocks, low=0)  # 0 builds: the decoder adds one per level
+        check_int("vqvae.dead_code_steps", self.dead_code_steps, low=0, accepted="0 (never) or an integer >= 1")
+        check_number("vqvae.beta", self.beta, "a number >= 0", lambda v: v >= 0)
+        check_number("vqvae.ema_decay", self.ema_decay, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        mult = self.channel_mult
+        if not (isinstance(mult, (list, tuple)) and mult and all(type(m) is int and m >= 1 for m in mult)):
+            raise ValueError(f"vqvae.channel_mult={mult!r}; accepted: a non-empty list of integers >= 1, one per "
+                             "resolution, e.g. [1, 2, 2]")
+        if self.downsample not in (1, 2, 4, 8, 16):
             raise ValueError(f"vqvae: patch_size {self.patch_size} x 2**(len(channel_mult) - 1) gives a "
                              f"downsampling factor of {self.downsample}; accepted: 1, 2, 4, 8, 16")
 

@@ -89,7 +89,7 @@ def test_caption_lists(tmp_path):
 
 def test_several_captions_pick_is_random_but_reproducible():
     captions = ["a", "b", "c", "d"]
-    picks = {pick_caption(captions, seed=0, epoch=e, index=3) for e in range(40)}
+    picks = {pick_caption(captions, seed=0, draw=e, index=3) for e in range(40)}
     assert picks == set(captions)
     assert pick_caption(captions, 0, 5, 3) == pick_caption(captions, 0, 5, 3)
 

@@ -29,13 +29,14 @@ DRIVER = """
 import json, os, sys
 import train.train as tt
 import mmdit.fsdp
-import mmdit.trainer as trainer
+import mmdit.stages.dit as stage
+from mmdit import checkpoints
 from safetensors.torch import save_file
 from mmdit.weights import cpu_state
 
 out, rank = sys.argv[1], int(os.environ["RANK"])
 rows, written = [], []
-real_indices, real_fit, real_grid, real_save_file = tt.batch_indices, tt.fit, tt.save_grid, trainer.save_file
+real_indices, real_fit, real_grid, real_save_file = stage.batch_indices, stage.fit, stage.save_grid, checkpoints.save_file
 
 def batch_indices(step, n, batch_size, seed, shard, num_shards):
     result = real_indices(step, n, batch_size, seed, shard, num_shards)
@@ -55,7 +56,7 @@ def save_ema(tensors, path, *args, **kwargs):
     written.append(str(path))
     return real_save_file(tensors, path, *args, **kwargs)
 
-tt.batch_indices, tt.fit, tt.save_grid, trainer.save_file = batch_indices, fit, save_grid, save_ema
+stage.batch_indices, stage.fit, stage.save_grid, checkpoints.save_file = batch_indices, fit, save_grid, save_ema
 code = tt.cli(sys.argv[2:])
 json.dump({"rows": rows, "written": written}, open(f"{out}/record-{rank}.json", "w"))
 sys.exit(code)
@@ -167,11 +168,12 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 import train.train as tt
 import mmdit.fsdp
-import mmdit.trainer as trainer
+import mmdit.stages
+from mmdit import checkpoints
 
 fsdp = yaml.safe_load(open("configs/accelerate/fsdp-full-shard.yaml"))["fsdp_config"]
 assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT", fsdp
-real_accelerator, real_save_file, written = tt.Accelerator, trainer.save_file, []
+real_accelerator, real_save_file, written = mmdit.stages.Accelerator, checkpoints.save_file, []
 
 def Accelerator(*args, **kwargs):
     accelerator = real_accelerator(*args, **kwargs)
@@ -185,7 +187,7 @@ def save_file(tensors, path, *args, **kwargs):
     written.append(path)
     return real_save_file(tensors, path, *args, **kwargs)
 
-tt.Accelerator, trainer.save_file, mmdit.fsdp.save_file = Accelerator, save_file, save_file
+mmdit.stages.Accelerator, checkpoints.save_file, mmdit.fsdp.save_file = Accelerator, save_file, save_file
 code = tt.cli(sys.argv[2:])
 json.dump(written, open(f"{sys.argv[1]}-{os.environ['RANK']}.json", "w"))
 sys.exit(code)

@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 
 from mmdit.config import DataConfig
 from mmdit.data.loader import DataError
-from mmdit import precision
+from mmdit import compat, precision
 from mmdit.trainer import StageConfig, batch_indices, lr_factor
 from mmdit.vqvae import VQVAE
-from train.train import StreamBatches, main
+from mmdit.data.stream import StreamBatches
+from train.train import main
 
 from conftest import tiny_args
 
@@ -46,9 +47,9 @@ def test_lr_schedule():
 def test_mixed_precision_choice(monkeypatch):
     cpu = torch.device("cpu")
     assert precision.resolve("no", cpu) == "no" and precision.resolve("bf16", cpu) == "bf16"
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(compat, "cpu_has_native_bf16", lambda: False)
     assert precision.resolve("auto", cpu) == "no"  # bf16 would run reference kernels: never chosen
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(compat, "cpu_has_native_bf16", lambda: True)
     assert precision.resolve("auto", cpu) == "measure"  # only a timing of the stage's own step can tell
     assert precision.accelerator_precision("bf16") == "no"  # autocast is the loop's; accelerate only scales fp16
     with pytest.raises(ValueError, match="accepted: auto, no, bf16, fp16"):

@@ -29,14 +29,15 @@ REPO = Path(__file__).resolve().parent.parent
 # stages counted): no handler, no cleanup, exactly what an out-of-memory kill or a lost machine does.
 KILLER = """
 import os, signal, sys
+import mmdit.stages.dit, mmdit.stages.vqvae
 import train.train as tt
-kill_at, calls, real = int(sys.argv[1]), [0], tt.batch_indices
+kill_at, calls, real = int(sys.argv[1]), [0], mmdit.stages.dit.batch_indices
 def batch_indices(*args, **kwargs):
     calls[0] += 1
     if calls[0] == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*args, **kwargs)
-tt.batch_indices = batch_indices
+mmdit.stages.dit.batch_indices = mmdit.stages.vqvae.batch_indices = batch_indices
 tt.main(sys.argv[2:])
 """
 
@@ -125,10 +126,10 @@ def toy_fit(out: Path, steps: int, signal_at: int | None = None, nan_loss=(), na
     ema = copy.deepcopy(model)
     data = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
 
-    def get_batch(step, shard, num_shards):
-        if step == signal_at and shard == 0:
+    def get_batch(step, slot, num_slots):
+        if step == signal_at and slot == 0:
             os.kill(os.getpid(), signal.SIGTERM)
-        return step, data[batch_indices(step, len(data), len(data) // 8 // num_shards, 0, shard, num_shards)]
+        return step, data[batch_indices(step, len(data), len(data) // 8 // num_slots, 0, slot, num_slots)]
 
     def loss_fn(model, batch):
         step, x = batch
@@ -203,8 +204,8 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
 
 
 def test_auto_precision_is_measured_on_a_bf16_native_cpu_recorded_and_kept_on_resume(tmp_path, monkeypatch, caplog):
-    from mmdit import precision
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # as on a CPU with AMX
+    from mmdit import compat, precision
+    monkeypatch.setattr(compat, "cpu_has_native_bf16", lambda: True)  # as on a CPU with AMX
     assert precision.resolve("auto", torch.device("cpu")) == "measure"
     timings = {"no": 0.002, "bf16": 0.001}
     monkeypatch.setattr(precision, "measure", lambda *args, **kwargs: dict(timings))

@@ -304,11 +304,12 @@ def summary(source: str, split: str, kept: int, skipped: Counter, notes: Counter
 # ---------------------------------------------------------------------------------------------------
 # The two dataset forms training uses.
 
-def pick_caption(captions: list[str], seed: int, epoch: int, index: int) -> str:
-    """One caption per sample, random but a pure function of (seed, epoch, index): resumable, worker-safe."""
+def pick_caption(captions: list[str], seed: int, draw: int, index: int) -> str:
+    """One caption per sample, random but a pure function of (seed, draw, index), `draw` being the training
+    step (or epoch) it is drawn for: resumable, worker-safe."""
     if len(captions) == 1:
         return captions[0]
-    return captions[random.Random(f"{seed}/{epoch}/{index}").randrange(len(captions))]
+    return captions[random.Random(f"{seed}/{draw}/{index}").randrange(len(captions))]
 
 
 class ImageCaptions(torch.utils.data.Dataset):
