@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +42,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mmdit.checks import check_guidance, check_int, check_seed, check_steps  # noqa: E402
 from mmdit.clip import CLIPLoadError, load_clip  # noqa: E402
-from mmdit.config import ArgumentParser, ConfigError, load_config, run_cli  # noqa: E402
+from mmdit.config import ArgumentParser, ConfigError, check_writable, load_config, run_cli  # noqa: E402
 from mmdit.data.loader import DataError, ImageCaptions, dataset_source  # noqa: E402
 from mmdit.data.shapes import ATTRIBUTES, judge_accuracy  # noqa: E402
 from mmdit.grid import save_grid  # noqa: E402
@@ -53,15 +53,18 @@ from mmdit.metrics import (FID, MetricError, clip_cosines, clip_extractor, clip_
 from mmdit.pipeline import TextToImagePipeline  # noqa: E402
 from mmdit.text_encoder import TextEncoderLoadError  # noqa: E402
 from mmdit.trainer import multi_cpu  # noqa: E402
+from mmdit.weights import ExportError  # noqa: E402
 
 METRICS = ("fid", "clip", "composition", "recon")
+MAX_SAMPLES = 50_000  # FID's customary N; every sample is held in memory until scored
 
 
 class EvalError(ValueError):
     """Bad input to eval: the message says what is wrong and what is accepted."""
 
 
-USER_ERRORS = (EvalError, ConfigError, DataError, CLIPLoadError, MetricError, TextEncoderLoadError, FileNotFoundError)
+USER_ERRORS = (EvalError, ConfigError, DataError, CLIPLoadError, MetricError, TextEncoderLoadError, FileNotFoundError,
+               ExportError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="run directory written by train/train.py")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--metrics", default="composition", help=f"comma-separated: {', '.join(METRICS)}")
-    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--num-samples", type=int, default=500, help=f"1 to {MAX_SAMPLES}")
     parser.add_argument("--split", default="validation", help="caption set and real images (default: %(default)s)")
     parser.add_argument("--prompts", help="caption file instead of the split's captions: .txt or .jsonl")
     parser.add_argument("--steps", type=int, default=25)
@@ -82,15 +85,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inception-weights", help="local Inception-v3 weights (.pth or .safetensors), for offline")
     parser.add_argument("--cache-dir", help="FID reference statistics (default: the run's train.cache_dir/fid)")
     args = parser.parse_args(argv)
-    args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    for m in args.metrics:
-        if m not in METRICS:
-            parser.error(f"unknown metric {m!r}; accepted: {', '.join(METRICS)}")
-    for name in ("num_samples", "steps", "batch_size"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.guidance < 0:
-        parser.error(f"--guidance must be >= 0 (1 = no guidance), got {args.guidance}")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        problem = f"unknown metric {unknown[0]!r}" if unknown else "names no metric"
+        parser.error(f"--metrics={args.metrics!r}: {problem}; accepted: a comma-separated list of "
+                     f"{', '.join(METRICS)}")
+    args.metrics = metrics
+    try:  # what would otherwise fail only after loading the run, or in the middle of sampling
+        check_int("--num-samples", args.num_samples, 1, MAX_SAMPLES)
+        check_steps("--steps", args.steps)
+        check_guidance("--guidance", args.guidance)
+        check_seed("--seed", args.seed)
+        check_int("--batch-size", args.batch_size)
+    except ValueError as e:
+        parser.error(str(e))
     uses_fid = bool({"fid", "recon"} & set(args.metrics))
     if not args.clip_model and ("clip" in args.metrics or (args.fid_features == "clip" and uses_fid)):
         parser.error("--metrics clip and --fid-features clip need --clip-model DIR|NAME "
@@ -230,14 +239,12 @@ def clip_report(clip, images: torch.Tensor, cs: CaptionSet) -> dict:
     return report
 
 
-def setup_scorers(args, device) -> tuple:
-    """Load what the metrics need before sampling, so a missing model fails in seconds, not after it."""
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise EvalError(f"--out {out}: cannot write there ({e.strerror or e})") from e
+def setup_scorers(args, device, cache_dir: Path) -> tuple:
+    """Load what the metrics need before sampling, and check where results go, so that a missing model or an
+    unwritable directory fails in seconds, not after sampling."""
+    check_writable(args.out, "--out")
+    if {"fid", "recon"} & set(args.metrics):
+        check_writable(cache_dir, "--cache-dir")  # by default the run's train.cache_dir/fid
     clip = load_clip(args.clip_model, device) if args.clip_model else None
     fid = None
     if {"fid", "recon"} & set(args.metrics):
@@ -261,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     pipe.dit.to(state.device)
     pipe.vqvae.to(state.device)
     cs = caption_set(cfg, args)
-    clip, fid = setup_scorers(args, state.device) if state.is_main_process else (None, None)
+    cache_dir = Path(args.cache_dir or Path(cfg.train.cache_dir) / "fid")
+    clip, fid = setup_scorers(args, state.device, cache_dir) if state.is_main_process else (None, None)
 
     start = time.perf_counter()
     parts = gather_object(generate(pipe, cs.captions, args, state.process_index, state.num_processes))
@@ -280,7 +288,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     if fid is not None:
         description = {"dataset": dataset_source(cfg.data), "split": args.split, "resolution": cfg.data.resolution,
                        "rows": cs.protocol["reference"]}
-        cache_dir = Path(args.cache_dir or Path(cfg.train.cache_dir) / "fid")
         report["fid_extractor"] = {**fid.info, "reference": fid.set_reference(cs.reference, description, cache_dir)}
     if "fid" in args.metrics:
         report["fid"] = {"label": fid.info["label"], "samples_vs_reference": fid(images)}
@@ -298,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                                       "recon": retrieval_top1(clip, recon, cs.captions)}
 
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     save_samples(images, cs, out / "samples.png")

@@ -46,7 +46,7 @@ class DiTConfig:
     def __post_init__(self):
         for key in ("in_channels", "input_size", "patch_size", "width", "depth", "heads", "text_dim"):
             check_int(f"dit.{key}", getattr(self, key))
-        check_number("dit.mlp_ratio", self.mlp_ratio, "a number > 0", lambda v: v > 0)
+        check_number("dit.mlp_ratio", self.mlp_ratio, "a finite number > 0", lambda v: v > 0)
         if self.mode not in ("cross", "joint"):
             raise ValueError(f"dit.mode={self.mode!r}; accepted: cross, joint")
         if self.pos_embed not in ("sincos", "rope"):
@@ -316,7 +316,9 @@ class DiT(nn.Module):
     def init_weights(self):
         # As DiT: xavier-uniform Linears (the patch conv as the Linear it is), zero biases, N(0, 0.02) for the
         # conditioning embedders (DiT's t_embedder, PixArt's caption projection), then zero every adaLN and the
-        # final Linear, so each block starts as the identity and the model's output as 0.
+        # final Linear, so the model's output starts at 0 and each block as the identity, except for the cross
+        # block's cross-attention: its output projection stays xavier (PixArt zeroes it; that trained to a lower
+        # compositional accuracy here, docs/models.md), so the text reaches the image tokens from step 0.
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))

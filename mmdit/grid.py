@@ -1,6 +1,7 @@
 """Image grids people look at: reconstructions during VQ-VAE training, samples during DiT training."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -11,6 +12,21 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> RGB PIL images."""
     arrays = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arrays]
+
+
+def check_image_path(path: str | Path, what: str) -> None:
+    """ValueError unless PIL writes an RGB image to `path`, by its extension: tried on a 1x1 image, since some
+    formats PIL knows take no RGB (XBM) or cannot be written at all (PSD)."""
+    ext = Path(path).suffix.lower()
+    image_format = Image.registered_extensions().get(ext)
+    try:
+        if image_format is None:
+            raise KeyError(ext)
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=image_format)
+    except (KeyError, ValueError, OSError) as e:
+        problem = f"PIL writes no RGB image format named {ext!r}" if ext else "no extension names the image format"
+        raise ValueError(f"{what}={path}: {problem}; accepted: .png, .jpg, .webp, .bmp, .tif or another extension "
+                         "PIL writes") from e
 
 
 def save_grid(rows: list[list[Image.Image]], path: str | Path, scale: int = 1,

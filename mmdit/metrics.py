@@ -95,12 +95,16 @@ def inception_state(weights: str | Path | None) -> tuple[dict[str, torch.Tensor]
         path = Path(weights)
         if not path.is_file():
             raise MetricError(f"--inception-weights {path}: no such file")
+    safetensors = path.suffix == ".safetensors"
     try:
-        state = (load_file(str(path)) if path.suffix == ".safetensors"
-                 else torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as e:  # anything unreadable is the same user error
-        raise MetricError(f"--inception-weights {path}: cannot read it ({str(e).splitlines()[0][:200]}); accepted: "
-                          "torch-fidelity's Inception-v3 .pth or a safetensors file of the same state dict") from e
+        state = load_file(str(path)) if safetensors else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # anything unreadable is the same user error (torch's own message is about pickles)
+        state = None
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        kind = "safetensors file" if safetensors else "torch.save file (read with weights_only=True)"
+        raise MetricError(f"--inception-weights={path}: cannot read it as a {kind} of named tensors; accepted: "
+                          f"torch-fidelity's Inception-v3 weights ({INCEPTION_URL.rsplit('/', 1)[1]}) or a "
+                          "safetensors file of the same state dict")
     return state, file_id(path)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mmdit.checks import check_guidance, check_int, check_seed, check_steps
+from mmdit.checks import check_guidance, check_int, check_number, check_seed, check_steps
 from mmdit.dit import DiT
 from mmdit.flow import cfg_combine, sample
 from mmdit.grid import to_pil
@@ -56,10 +55,13 @@ class PipelineInfo:
             raise ValueError(f"snap_to_codes={self.snap_to_codes!r}; accepted: true or false")
         for key in ("latent_mean", "latent_std"):
             stats = getattr(self, key)
-            if not (isinstance(stats, list) and len(stats) == len(self.latent_mean) > 0 and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stats)):
-                raise ValueError(f"{key}={stats!r}; accepted: finite numbers, one per latent channel, as many "
-                                 "in latent_mean as in latent_std")
+            if not isinstance(stats, list) or not stats:
+                raise ValueError(f"{key}={stats!r}; accepted: a list of numbers, one per latent channel")
+            for i, value in enumerate(stats):
+                check_number(f"{key}[{i}]", value, "a finite number")
+        if len(self.latent_mean) != len(self.latent_std):
+            raise ValueError(f"latent_mean has {len(self.latent_mean)} values, latent_std {len(self.latent_std)}; "
+                             "accepted: one of each per latent channel")
 
 
 def noise_seed(seed: int, index: int) -> int:
@@ -86,8 +88,8 @@ def check_prompts(prompts) -> list[str]:
         raise ValueError("prompts is empty; accepted: a list of one or more strings (\"\" = unconditional)")
     bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
     if bad is not None:
-        raise TypeError(f"prompts[{bad}]={prompts[bad]!r} is a {type(prompts[bad]).__name__}; accepted: a list "
-                        "of strings")
+        raise TypeError(f"prompts[{bad}]={prompts[bad]!r}: not a string ({type(prompts[bad]).__name__}); accepted: "
+                        "a list of strings")
     return list(prompts)
 
 
@@ -121,8 +123,8 @@ class TextToImagePipeline:
         run_dir = Path(run_dir)
         path = run_dir / "pipeline.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{run_dir} is not an exported mmdit run: no pipeline.json "
-                                    "(train with `accelerate launch train/train.py`, which exports it)")
+            raise FileNotFoundError(f"{run_dir} is not an exported mmdit run: no pipeline.json (an export writes "
+                                    "it last; train with `accelerate launch train/train.py`, which exports the run)")
         info = load_dataclass(PipelineInfo, path)
         dit, vqvae = DiT.from_pretrained(run_dir / "dit" / "model"), VQVAE.from_pretrained(run_dir / "vqvae" / "model")
         if not len(info.latent_mean) == dit.cfg.in_channels == vqvae.cfg.code_dim:

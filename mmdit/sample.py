@@ -11,35 +11,41 @@ import argparse
 import sys
 from pathlib import Path
 
+from mmdit.checks import MAX_STEPS, check_guidance, check_int, check_seed, check_steps
 from mmdit.config import ArgumentParser, ConfigError, check_writable, run_cli
-from mmdit.grid import save_grid
+from mmdit.grid import check_image_path, save_grid
 from mmdit.pipeline import TextToImagePipeline
 from mmdit.text_encoder import TextEncoderLoadError
-from mmdit.weights import WeightsMismatchError
+from mmdit.weights import ExportError
+
+# One grid row per prompt: a row of 64 images at scale 8 is already ~16k pixels wide at 32x32.
+MAX_IMAGES, MAX_SCALE = 64, 8
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="run directory written by train/train.py")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    parser.add_argument("--num-images", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--num-images", type=int, default=4, help=f"samples per prompt (1 to {MAX_IMAGES})")
+    parser.add_argument("--steps", type=int, default=25, help=f"sampler steps (1 to {MAX_STEPS})")
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-snap", action="store_true", help="decode sampled latents without snapping to codes")
-    parser.add_argument("--scale", type=int, default=2, help="pixel upscaling of the grid")
+    parser.add_argument("--scale", type=int, default=2, help=f"pixel upscaling of the grid (1 to {MAX_SCALE})")
     parser.add_argument("--out", default="grid.png")
     args = parser.parse_args(argv)
-    for name in ("num_images", "steps", "scale"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.guidance >= 0:
-        parser.error(f"--guidance must be >= 0 (1 = no guidance), got {args.guidance}")
+    try:  # everything that would otherwise fail only after sampling
+        check_int("--num-images", args.num_images, 1, MAX_IMAGES)
+        check_steps("--steps", args.steps)
+        check_guidance("--guidance", args.guidance)
+        check_seed("--seed", args.seed)
+        check_int("--scale", args.scale, 1, MAX_SCALE)
+        check_writable(args.out, "--out", is_file=True)
+        check_image_path(args.out, "--out")
+    except ValueError as e:  # ConfigError included
+        parser.error(str(e))
     out = Path(args.out)
-    if out.is_dir():
-        parser.error(f"--out {out} is a directory; accepted: a file path such as {out / 'grid.png'}")
-    check_writable(out, "--out")  # before sampling, not after
 
     pipe = TextToImagePipeline.from_pretrained(args.model)
     n = args.num_images
@@ -53,10 +59,9 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Exit code 2 and one `error: ...` line for a bad argument, a missing or mismatched run directory, or a
-    text encoder that cannot be loaded."""
-    return run_cli(main, argv, user_errors=(ConfigError, FileNotFoundError, WeightsMismatchError,
-                                            TextEncoderLoadError))
+    """Exit code 2 and one `error: ...` line for a bad argument, a missing, damaged or mismatched run directory,
+    or a text encoder that cannot be loaded."""
+    return run_cli(main, argv, user_errors=(ConfigError, FileNotFoundError, ExportError, TextEncoderLoadError))
 
 
 if __name__ == "__main__":

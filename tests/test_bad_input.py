@@ -1,6 +1,6 @@
 """User mistakes get one clear line naming the problem and what is accepted, never a traceback: the training
-CLI, the pipeline, the sample CLI and the text encoder. What is allowed (the empty prompt, over-long prompts,
-non-ASCII and emoji) works."""
+CLI, the pipeline, the sample and eval CLIs, damaged run directories and the text encoder. What is allowed (the
+empty prompt, over-long prompts, non-ASCII and emoji, a tuple of prompts) works."""
 import json
 import math
 import shutil
@@ -9,10 +9,11 @@ import warnings
 import pytest
 from PIL import Image
 
+from eval.eval import cli as eval_cli
 from mmdit import TextToImagePipeline
 from mmdit.sample import cli as sample_cli
 from mmdit.text_encoder import TextEncoder, TextEncoderLoadError
-from mmdit.weights import WeightsMismatchError
+from mmdit.weights import ExportError, WeightsMismatchError
 from train.train import cli as train_cli
 
 from conftest import tiny_args
@@ -58,7 +59,15 @@ TRAIN_CASES = [
     (["dit_train.lr=0"], "dit_train.lr=0.0; accepted: a number > 0"),
     (["dit_train.cfg_dropout=1.5"], "dit_train.cfg_dropout=1.5; accepted: a probability in [0, 1]"),
     (["dit.mode=diagonal"], "dit.mode='diagonal'; accepted: cross, joint"),
-    (["sample.guidance=-1"], "sample.guidance=-1.0; accepted: a number >= 0"),
+    (["sample.guidance=-1"], "sample.guidance=-1.0; accepted: a finite number >= 0 (1 = no guidance)"),
+    (["sample.guidance=.nan"], "sample.guidance=nan; accepted: a finite number >= 0"),
+    (["sample.guidance=.inf"], "sample.guidance=inf; accepted: a finite number >= 0"),
+    (["sample.steps=5000"], "sample.steps=5000; accepted: an integer from 1 to 1000"),
+    (["sample.seed=18446744073709551616"], "sample.seed=18446744073709551616; accepted: an integer from 0 to 2**64 - 1"),
+    (["train.seed=-1"], "train.seed=-1; accepted: an integer from 0 to 2**32 - 1"),
+    (["dit.depth=0"], "dit.depth=0; accepted: an integer >= 1"),
+    (["vqvae.channel_mult=[]"], "vqvae.channel_mult=[]; accepted: a non-empty list of integers >= 1"),
+    (["data.name="], "data.name='': empty; accepted: shapes, a Hugging Face dataset name or a local dataset directory"),
     (["sample.sampler=ddim"], "sample.sampler='ddim'; accepted: euler, heun"),
     (["data.resolution=30"], "data.resolution=30 is not divisible by the VQ-VAE downsampling 4 x the DiT patch "
                              "size 1 = 4; accepted: multiples of 4"),
@@ -67,6 +76,10 @@ TRAIN_CASES = [
     (["train.resume={tmp}"], "is not a checkpoint directory (no step.json)"),
     (["train.stage=dit"], "train.stage=dit needs the VQ-VAE stage's output"),
     (["train.output_dir={tmp}/file.txt/run"], "cannot be written: {tmp}/file.txt is not a writable directory"),
+    (["train.output_dir={tmp}/file.txt"], "train.output_dir={tmp}/file.txt is a file; accepted: a directory path"),
+    (["train.output_dir=/proc/mmdit-run"], "train.output_dir=/proc/mmdit-run cannot be written: /proc is not a "
+                                           "writable directory"),
+    (["train.cache_dir=/proc/mmdit-cache"], "train.cache_dir=/proc/mmdit-cache cannot be written: /proc is not a writable directory"),  # root writes anywhere else
     (["data.name={tmp}/nowhere"], "dataset path '{tmp}/nowhere' does not exist"),
     (["data.name={tmp}/text_column", "data.val_split=train"],
      "has no caption column 'caption' (set data.caption_column); columns: image, text"),
@@ -99,12 +112,23 @@ def pipe(tiny_run):
 
 PIPELINE_CASES = [
     ({"prompts": []}, ValueError, 'prompts is empty; accepted: a list of one or more strings ("" = unconditional)'),
-    ({"prompts": "a red circle"}, TypeError, "prompts must be a list of strings"),
-    ({"prompts": ["a", 3]}, TypeError, "captions must all be str, got int"),
-    ({"num_steps": 0}, ValueError, "num_steps=0; accepted: an integer >= 1"),
-    ({"num_steps": 2.5}, ValueError, "num_steps=2.5; accepted: an integer >= 1"),
-    ({"guidance_scale": -1.0}, ValueError, "guidance_scale=-1.0; accepted: >= 0 (1 = no guidance)"),
-    ({"guidance_scale": math.nan}, ValueError, "guidance_scale=nan; accepted: >= 0"),
+    ({"prompts": "a red circle"}, TypeError, "prompts must be a list of strings, e.g. [\"a red circle\"]; got a "
+                                             "single string"),
+    ({"prompts": None}, TypeError, "prompts must be a list of strings, e.g. [\"a red circle\"]; got NoneType"),
+    ({"prompts": (p for p in ["a"])}, TypeError, "prompts must be a list of strings, e.g. [\"a red circle\"]; got "
+                                                  "generator"),
+    ({"prompts": {"a red circle": 1}}, TypeError, "prompts must be a list of strings, e.g. [\"a red circle\"]; got dict"),
+    ({"prompts": ["a", 3]}, TypeError, "prompts[1]=3: not a string (int); accepted: a list of strings"),
+    ({"num_steps": 0}, ValueError, "num_steps=0; accepted: an integer from 1 to 1000"),
+    ({"num_steps": 2.5}, ValueError, "num_steps=2.5; accepted: an integer from 1 to 1000"),
+    ({"num_steps": 10 ** 6}, ValueError, "num_steps=1000000; accepted: an integer from 1 to 1000"),
+    ({"guidance_scale": -1.0}, ValueError, "guidance_scale=-1.0; accepted: a finite number >= 0 (1 = no guidance)"),
+    ({"guidance_scale": math.nan}, ValueError, "guidance_scale=nan; accepted: a finite number >= 0"),
+    ({"guidance_scale": math.inf}, ValueError, "guidance_scale=inf; accepted: a finite number >= 0"),  # black images
+    ({"guidance_scale": "4"}, ValueError, "guidance_scale='4'; accepted: a finite number >= 0"),
+    ({"seed": 2 ** 64}, ValueError, "seed=18446744073709551616; accepted: an integer from 0 to 2**64 - 1"),
+    ({"seed": 2.5}, ValueError, "seed=2.5; accepted: an integer from 0 to 2**64 - 1"),
+    ({"seed": "0"}, ValueError, "seed='0'; accepted: an integer from 0 to 2**64 - 1"),
     ({"sampler": "ddim"}, ValueError, "sampler='ddim'; accepted: euler, heun"),
     ({"batch_size": 0}, ValueError, "batch_size=0; accepted: an integer >= 1"),
 ]
@@ -137,21 +161,29 @@ def test_pipeline_run_directories(tiny_run, tmp_path):
 def test_pipeline_accepts_empty_long_and_non_ascii_prompts(pipe):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        images = pipe(["", "a red circle " * 100, "ein roter Kreis 🔴", "赤い円", "a red circle " * 100],
-                      num_steps=1, batch_size=2)
+        images = pipe(("", "a red circle " * 100, "ein roter Kreis 🔴", "赤い円", "a red circle " * 100),
+                      num_steps=1, batch_size=2)  # a tuple is a list of prompts too
     assert len(images) == 5 and all(im.size == (32, 32) for im in images)
     assert len([w for w in caught if "truncated" in str(w.message)]) == 1  # warned once, not per prompt
 
 
 SAMPLE_CASES = [
-    (["--num-images", "0"], "--num-images must be >= 1, got 0"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--guidance", "-1"], "--guidance must be >= 0 (1 = no guidance), got -1.0"),
+    (["--num-images", "0"], "--num-images=0; accepted: an integer from 1 to 64"),
+    (["--num-images", "1000000000"], "--num-images=1000000000; accepted: an integer from 1 to 64"),
+    (["--scale", "100000"], "--scale=100000; accepted: an integer from 1 to 8"),
+    (["--steps", "0"], "--steps=0; accepted: an integer from 1 to 1000"),
+    (["--guidance", "-1"], "--guidance=-1.0; accepted: a finite number >= 0 (1 = no guidance)"),
+    (["--guidance", "nan"], "--guidance=nan; accepted: a finite number >= 0"),
+    (["--guidance", "inf"], "--guidance=inf; accepted: a finite number >= 0"),
+    (["--seed", "18446744073709551616"], "--seed=18446744073709551616; accepted: an integer from 0 to 2**64 - 1"),
+    (["--seed", "2.5"], "argument --seed: invalid int value: '2.5'"),
     (["--sampler", "ddim"], "argument --sampler: invalid choice: 'ddim'"),
     (["--steps", "two"], "argument --steps: invalid int value: 'two'"),
     (["--model", "{tmp}/nowhere"], "nowhere is not an exported mmdit run: no pipeline.json"),
     (["--out", "{tmp}/file.txt/grid.png"], "--out={tmp}/file.txt/grid.png cannot be written"),
     (["--out", "{tmp}"], "is a directory; accepted: a file path"),
+    (["--out", "{tmp}/grid.xyz"], "--out={tmp}/grid.xyz: PIL writes no RGB image format named '.xyz'; accepted: .png"),
+    (["--out", "/proc/grid.png"], "--out=/proc/grid.png cannot be written: /proc is not a writable directory"),
 ]
 
 
@@ -161,6 +193,36 @@ def test_sample_cli(tiny_run, tmp_path, capsys, args, expected):
     argv = ["--model", str(tiny_run), "--prompt", "a red circle", "--out", str(tmp_path / "grid.png"),
             *[a.replace("{tmp}", str(tmp_path)) for a in args]]
     one_error_line(capsys, sample_cli(argv), expected.replace("{tmp}", str(tmp_path)))
+
+
+# A damaged export: (file, the damage, what the line says after the file's path). Each fails in the sample and
+# eval CLIs (exit code 2) and in from_pretrained (ExportError) with one line naming the file.
+DAMAGED = {
+    "truncated weights": ("dit/model/model.safetensors", lambda b: b[:-100],
+                          "not a readable safetensors file (Error while deserializing header: incomplete metadata"),
+    "huge header length": ("vqvae/model/model.safetensors", lambda b: (2 ** 62).to_bytes(8, "little") + b[8:],
+                           "not a readable safetensors file (Error while deserializing header: header too large)"),
+    "pipeline.json not JSON": ("pipeline.json", lambda b: b[:-5], "not readable JSON"),
+    "pipeline.json wrong field": ("pipeline.json", lambda b: json.dumps({**json.loads(b), "latent_mean": "x"}).encode(),
+                                  "latent_mean='x'; accepted: a list of numbers, one per latent channel"),
+    "config.json unknown key": ("dit/model/config.json", lambda b: json.dumps({**json.loads(b), "widht": 8}).encode(),
+                                "unknown key 'widht'; accepted keys: in_channels, input_size"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+def test_damaged_run_is_one_line(tiny_run, tmp_path, capsys, damage):
+    name, corrupt, says = DAMAGED[damage]
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "latents", "tensorboard"))
+    (run / name).write_bytes(corrupt((run / name).read_bytes()))
+    expected = f"{run / name}: {says}"
+    with pytest.raises(ExportError) as error:
+        TextToImagePipeline.from_pretrained(run)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    one_error_line(capsys, sample_cli(["--model", str(run), "--prompt", "x", "--out", str(tmp_path / "g.png")]),
+                   expected)
+    one_error_line(capsys, eval_cli(["--model", str(run), "--out", str(tmp_path / "eval")]), expected)
 
 
 def test_sample_cli_requires_a_prompt(tiny_run, capsys):

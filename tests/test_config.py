@@ -1,7 +1,9 @@
+import re
+
 import pytest
 import yaml
 
-from mmdit.config import Config, ConfigError, load_config
+from mmdit.config import Config, ConfigError, check_writable, load_config
 
 
 def test_defaults_and_yaml(tmp_path):
@@ -59,6 +61,26 @@ def test_shipped_configs_load():
     (["data.resolution"], ["section.key=value"]),
     (["resolution=3"], ["section.key"]),
     (["data.resolution.x=3"], ["data.resolution", "expected int"]),
+    # Values that passed the type check and failed later (NaN passes every comparison), or meant the current dir.
+    (["sample.guidance=.nan"], ["sample.guidance=nan; accepted: a finite number >= 0 (1 = no guidance)"]),
+    (["sample.guidance=.inf"], ["sample.guidance=inf; accepted: a finite number >= 0"]),
+    (["sample.seed=18446744073709551616"], ["sample.seed=18446744073709551616; accepted: an integer from 0 to 2**64"]),
+    (["sample.seed=2.5"], ["sample.seed: expected int, got 2.5"]),
+    (["sample.seed='0'"], ["sample.seed: expected int, got '0'"]),
+    (["data.seed=4294967296"], ["data.seed=4294967296; accepted: an integer from 0 to 2**32 - 1"]),
+    (["dit.depth=0"], ["dit.depth=0; accepted: an integer >= 1"]),
+    (["dit.width=-8"], ["dit.width=-8; accepted: an integer >= 1"]),
+    (["dit.heads=0"], ["dit.heads=0; accepted: an integer >= 1"]),
+    (["dit.mlp_ratio=.nan"], ["dit.mlp_ratio=nan; accepted: a finite number > 0"]),
+    (["vqvae.codebook_size=0"], ["vqvae.codebook_size=0; accepted: an integer >= 1"]),
+    (["vqvae.code_dim=0"], ["vqvae.code_dim=0; accepted: an integer >= 1"]),
+    (["vqvae.channels=0"], ["vqvae.channels=0; accepted: an integer >= 1"]),
+    (["vqvae.num_res_blocks=-1"], ["vqvae.num_res_blocks=-1; accepted: an integer >= 0"]),
+    (["vqvae.channel_mult=[]"], ["vqvae.channel_mult=[]; accepted: a non-empty list of integers >= 1"]),
+    (["vqvae.channel_mult=[1, 0]"], ["vqvae.channel_mult=[1, 0]; accepted: a non-empty list of integers >= 1"]),
+    (["data.name="], ["data.name='': empty; accepted: shapes, a Hugging Face dataset name or a local dataset"]),
+    (["data.path=' '"], ["data.path=' ': empty; accepted: the directory of the shapes dataset"]),
+    (["train.output_dir="], ["train.output_dir='': empty; accepted: a directory path"]),
 ])
 def test_bad_overrides_name_the_key(overrides, expected):
     with pytest.raises(ConfigError) as err:
@@ -78,6 +100,21 @@ def test_bad_files(tmp_path):
     unknown.write_text("data:\n  colour: red\n")
     with pytest.raises(ConfigError, match=r"unknown key 'data.colour'.*valid keys: name, path"):
         load_config(unknown)
+
+
+def test_check_writable_really_writes(tmp_path):
+    check_writable(tmp_path / "new" / "run", "train.output_dir")  # created later: its nearest existing parent counts
+    check_writable(tmp_path / "grid.png", "--out", is_file=True)
+    (tmp_path / "file").write_text("")
+    check_writable(tmp_path / "file", "--out", is_file=True)  # overwritten
+    with pytest.raises(ConfigError, match=re.escape(f"output_dir={tmp_path}/file is a file; accepted: a directory")):
+        check_writable(tmp_path / "file", "train.output_dir")
+    with pytest.raises(ConfigError, match=re.escape(f"--out={tmp_path} is a directory; accepted: a file path")):
+        check_writable(tmp_path, "--out", is_file=True)
+    # os.access says /proc is writable to root, but nothing can be created there.
+    with pytest.raises(ConfigError, match="train.output_dir=/proc/run cannot be written: /proc is not a writable"):
+        check_writable("/proc/run", "train.output_dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe files are gone
 
 
 def test_save_round_trip(tmp_path):

@@ -225,6 +225,13 @@ def test_mismatching_checkpoint_names_tensor_and_shapes(tmp_path):
     ({"width": 30, "heads": 5}, "dit.width"),  # 2D sin-cos needs a multiple of 4
     ({"width": 12, "heads": 2, "pos_embed": "rope"}, "dit.heads"),  # head size 6: 2D RoPE needs a multiple of 4
     ({"input_size": 5, "patch_size": 2}, "dit.patch_size"),
+    ({"depth": 0}, r"dit.depth=0; accepted: an integer >= 1"),
+    ({"width": -8}, r"dit.width=-8; accepted: an integer >= 1"),
+    ({"heads": 0}, r"dit.heads=0; accepted: an integer >= 1"),  # was "width is not divisible by heads=0"
+    ({"patch_size": 0}, r"dit.patch_size=0; accepted: an integer >= 1"),
+    ({"in_channels": 0}, r"dit.in_channels=0; accepted: an integer >= 1"),
+    ({"depth": "2"}, r"dit.depth='2'; accepted: an integer >= 1"),  # a hand-edited config.json is not coerced
+    ({"mlp_ratio": float("inf")}, r"dit.mlp_ratio=inf; accepted: a finite number > 0"),
 ])
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):

@@ -89,16 +89,31 @@ def test_sharded_sampling_equals_one_process(tiny_run, single_thread):
 
 
 @pytest.mark.parametrize("extra, says", [
-    (["--metrics", "fid,bogus"], "unknown metric 'bogus'"),
-    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--metrics", "fid,bogus"], "--metrics='fid,bogus': unknown metric 'bogus'; accepted: a comma-separated list "
+                                 "of fid, clip, composition, recon"),
+    (["--metrics", ""], "--metrics='': names no metric; accepted: a comma-separated list of fid, clip"),
+    (["--num-samples", "0"], "--num-samples=0; accepted: an integer from 1 to 50000"),
+    (["--num-samples", "1000000000"], "--num-samples=1000000000; accepted: an integer from 1 to 50000"),
+    (["--guidance", "nan"], "--guidance=nan; accepted: a finite number >= 0 (1 = no guidance)"),
+    (["--seed", "18446744073709551616"], "--seed=18446744073709551616; accepted: an integer from 0 to 2**64 - 1"),
     (["--metrics", "clip"], "need --clip-model"),
     (["--metrics", "clip", "--clip-model", "nobody/no-such-clip"], "cannot load CLIP 'nobody/no-such-clip'"),
     (["--metrics", "fid", "--inception-weights", "/nonexistent/inception.pth"], "no such file"),
+    (["--metrics", "fid", "--inception-weights", "{tmp}/garbage.pth"],
+     "--inception-weights={tmp}/garbage.pth: cannot read it as a torch.save file (read with weights_only=True) of "
+     "named tensors; accepted: torch-fidelity's Inception-v3 weights"),
+    (["--metrics", "fid", "--inception-weights", "{tmp}/garbage.safetensors"],
+     "--inception-weights={tmp}/garbage.safetensors: cannot read it as a safetensors file of named tensors"),
+    (["--metrics", "fid", "--cache-dir", "/proc/mmdit-fid"], "--cache-dir=/proc/mmdit-fid cannot be written: /proc is "
+                                                             "not a writable directory"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tiny_run, tmp_path, capsys, extra, says):
-    code = cli(["--model", str(tiny_run), "--out", str(tmp_path / "out"), *extra])
+    for name in ("garbage.pth", "garbage.safetensors"):
+        (tmp_path / name).write_bytes(b"not weights at all")
+    fill = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    code = cli(["--model", str(tiny_run), "--out", str(tmp_path / "out"), "--num-samples", "2", *fill])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and says in err and "\n" not in err and "Traceback" not in err
+    assert code == 2 and says.replace("{tmp}", str(tmp_path)) in err and "\n" not in err and "Traceback" not in err
 
 
 def test_missing_run_and_unwritable_out(tiny_run, tmp_path, capsys):
@@ -107,4 +122,4 @@ def test_missing_run_and_unwritable_out(tiny_run, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert cli(["--model", str(tiny_run), "--out", str(blocker / "out"), "--num-samples", "2"]) == 2
-    assert "cannot write there" in capsys.readouterr().err
+    assert f"--out={blocker / 'out'} cannot be written: {blocker} is not a writable directory" in capsys.readouterr().err

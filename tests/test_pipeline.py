@@ -58,7 +58,9 @@ def test_pipeline_conditions_on_the_values_training_read_from_the_cache(pipe, tm
 
 def test_noise_seeds_do_not_collide(pipe):
     assert noise_seed(1, 0) != noise_seed(0, 100_003)  # seed * 100_003 + index made these the same noise
-    assert noise_seed(3, 7) == noise_seed(3, 7) and 0 <= noise_seed(-1, 0) < 2 ** 64
+    assert noise_seed(3, 7) == noise_seed(3, 7) and 0 <= noise_seed(2 ** 64 - 1, 0) < 2 ** 64
+    with pytest.raises(ValueError, match=r"seed=-1; accepted: an integer from 0 to 2\*\*64 - 1"):
+        noise_seed(-1, 0)
     text, null = pipe.text_encoder(["a red circle"]), pipe.text_encoder([""])
     a, b = (pipe.generate(text, null, 1, 1.0, seed, snap_to_codes=False, first_index=i)
             for seed, i in ((1, 0), (0, 100_003)))

@@ -83,12 +83,28 @@ def test_shapes(patch_size, channel_mult, attention, f):
     (2, [1] * 5, 32),
     (4, [1, 1, 1, 1], 32),
     (3, [1], 3),
-    (1, [], 0.5),
-    (2, [], 1),  # 2 * 2**-1 == 1.0 would pass the factor check: an empty channel_mult must still fail
 ])
 def test_invalid_downsampling_factor(patch_size, channel_mult, factor):
     with pytest.raises(ValueError, match=r"accepted: 1, 2, 4, 8, 16"):
         VQVAEConfig(patch_size=patch_size, channel_mult=channel_mult)
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    # Empty: 2 * 2**-1 == 1.0 would pass the factor check, and the factor message contradicted itself.
+    ({"patch_size": 1, "channel_mult": []}, r"vqvae.channel_mult=\[\]; accepted: a non-empty list of integers >= 1"),
+    ({"patch_size": 2, "channel_mult": []}, r"vqvae.channel_mult=\[\]; accepted: a non-empty list of integers >= 1"),
+    ({"channel_mult": [1, 0]}, r"vqvae.channel_mult=\[1, 0\]; accepted: a non-empty list"),
+    ({"codebook_size": 0}, r"vqvae.codebook_size=0; accepted: an integer >= 1"),
+    ({"code_dim": 0}, r"vqvae.code_dim=0; accepted: an integer >= 1"),
+    ({"channels": -8}, r"vqvae.channels=-8; accepted: an integer >= 1"),
+    ({"patch_size": 0}, r"vqvae.patch_size=0; accepted: an integer >= 1"),
+    ({"num_res_blocks": -1}, r"vqvae.num_res_blocks=-1; accepted: an integer >= 0"),
+    ({"ema_decay": 1.0}, r"vqvae.ema_decay=1.0; accepted: a number in \[0, 1\)"),
+    ({"beta": float("nan")}, r"vqvae.beta=nan; accepted: a finite number >= 0"),
+])
+def test_bad_config_names_the_field(kwargs, says):
+    with pytest.raises(ValueError, match=says):
+        VQVAEConfig(**kwargs)
 
 
 def test_width_not_multiple_of_32_builds():

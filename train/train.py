@@ -24,6 +24,7 @@ from mmdit.runlock import RunLock, RunLocked
 from mmdit.stages import check_inputs, run
 from mmdit.text_encoder import TextEncoderLoadError
 from mmdit.trainer import TrainingDiverged, stop_with_parent
+from mmdit.weights import ExportError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
 
@@ -49,7 +50,8 @@ def cli(argv: list[str] | None = None) -> int:
     or an output directory another run holds; 1 (one line too) for a diverged run or a full disk; 75 stopped by
     SIGTERM / SIGINT after a checkpoint, resumable by the same command."""
     stop_with_parent()
-    return run_cli(main, argv, user_errors=(ConfigError, DataError, TextEncoderLoadError, CheckpointError, RunLocked),
+    return run_cli(main, argv, user_errors=(ConfigError, DataError, TextEncoderLoadError, CheckpointError, RunLocked,
+                                              ExportError),
                    failures=(TrainingDiverged, DiskFull))
 
 

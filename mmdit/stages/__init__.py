@@ -44,6 +44,7 @@ def check_inputs(cfg: Config) -> None:
                 raise ConfigError(f"train.stage=dit needs the VQ-VAE stage's output, but {need} is missing; "
                                   f"accepted: a train.output_dir where train.stage=vqvae (or all) has run")
     check_writable(out, "train.output_dir")
+    check_writable(cfg.train.cache_dir, "train.cache_dir")
 
 
 def check_enough_rows(n: int, global_batch: int, section: str) -> None:
