@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 # train.py with a record, per process, of the rows it trained on, the files it wrote, and its final weights.
 DRIVER = """
 import json, os, sys
-import train.train as tt
+from train.train import cli
 import mmdit.fsdp
 import mmdit.stages.dit as stage
 from mmdit import checkpoints
@@ -57,7 +57,7 @@ def save_ema(tensors, path, *args, **kwargs):
     return real_save_file(tensors, path, *args, **kwargs)
 
 stage.batch_indices, stage.fit, stage.save_grid, checkpoints.save_file = batch_indices, fit, save_grid, save_ema
-code = tt.cli(sys.argv[2:])
+code = cli(sys.argv[2:])
 json.dump({"rows": rows, "written": written}, open(f"{out}/record-{rank}.json", "w"))
 sys.exit(code)
 """
@@ -166,7 +166,7 @@ FSDP_DRIVER = """
 import json, os, sys, yaml
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-import train.train as tt
+from train.train import cli
 import mmdit.fsdp
 import mmdit.stages
 from mmdit import checkpoints
@@ -188,7 +188,7 @@ def save_file(tensors, path, *args, **kwargs):
     return real_save_file(tensors, path, *args, **kwargs)
 
 mmdit.stages.Accelerator, checkpoints.save_file, mmdit.fsdp.save_file = Accelerator, save_file, save_file
-code = tt.cli(sys.argv[2:])
+code = cli(sys.argv[2:])
 json.dump(written, open(f"{sys.argv[1]}-{os.environ['RANK']}.json", "w"))
 sys.exit(code)
 """

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 KILLER = """
 import os, signal, sys
 import mmdit.stages.dit, mmdit.stages.vqvae
-import train.train as tt
+from train.train import main
 kill_at, calls, real = int(sys.argv[1]), [0], mmdit.stages.dit.batch_indices
 def batch_indices(*args, **kwargs):
     calls[0] += 1
@@ -38,7 +38,7 @@ def batch_indices(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*args, **kwargs)
 mmdit.stages.dit.batch_indices = mmdit.stages.vqvae.batch_indices = batch_indices
-tt.main(sys.argv[2:])
+main(sys.argv[2:])
 """
 
 
