@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,10 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/x.py` from a checkout
 from mmdit import compat
 from mmdit.config import load_config
-from mmdit.dit import DiT, DiTConfig
+from mmdit.dit import DiT, DiTConfig, DiTModelConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -34,7 +32,7 @@ DEVICE = torch.device("cpu")  # set once by set_device(), from the scripts' --de
 class Setting:
     """A DiT config plus the batch it is benchmarked at; text is `text_len` tokens of `cfg.text_dim`."""
     name: str
-    cfg: DiTConfig
+    cfg: DiTModelConfig
     batch: int
     text_len: int = 16
 
@@ -43,12 +41,13 @@ def settings(mode: str) -> list[Setting]:
     """The issue's matched config (batch 64, 8x8x8 latents, patch 1, width 256, depth 6, 16 tokens of 384),
     the project's default DiT stage (configs/shapes.yaml: same latents and text, its width/depth/batch), and
     `gpu`: the DiT-B/2 stage of configs/imagefolder-256-gpu.yaml (32x32x8 latents, 77 CLIP-L tokens of 768)."""
-    base = {"in_channels": 8, "input_size": 8, "patch_size": 1, "text_dim": 384, "mode": mode}
+    data = {"in_channels": 8, "input_size": 8, "text_dim": 384}
     cfg = load_config(DEFAULT_CONFIG)
-    default = replace(cfg.dit, **base)
+    default = replace(cfg.dit, patch_size=1, mode=mode).for_data(**data)
     gpu = load_config(GPU_CONFIG)
-    big = replace(gpu.dit, in_channels=gpu.vqvae.code_dim, input_size=32, text_dim=768, mode=mode)
-    return [Setting("matched", DiTConfig(width=256, depth=6, heads=4, **base), 64),
+    big = replace(gpu.dit, mode=mode).for_data(in_channels=gpu.vqvae.code_dim, input_size=32, text_dim=768)
+    matched = DiTConfig(width=256, depth=6, heads=4, patch_size=1, mode=mode).for_data(**data)
+    return [Setting("matched", matched, 64),
             Setting("default", default, cfg.dit_train.batch_size, cfg.text_encoder.max_length),
             Setting("gpu", big, gpu.dit_train.batch_size, gpu.text_encoder.max_length)]
 
@@ -138,7 +137,7 @@ class DiffusersDiT(nn.Module):
     called like mmdit's DiT: (x, t in [0, 1], text, text_mask, pooled) -> velocity. Random weights: only
     the speed is compared. `cfg` is kept so TextToImagePipeline can drive it like a DiT."""
 
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTModelConfig):
         super().__init__()
         try:
             from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
@@ -170,7 +169,17 @@ class DiffusersDiT(nn.Module):
         return self.net(x, text, pooled_projections=pooled, timestep=1000 * t, return_dict=False)[0]
 
 
-def build(impl: str, cfg: DiTConfig, seed: int = 0) -> nn.Module:
+def train(config: str | Path, overrides: list[str]) -> None:
+    """What `train/train.py --config CONFIG OVERRIDES` runs, without its command line and run lock (a benchmark
+    trains into a fresh temporary directory): mmdit.stages.run on the checked config."""
+    from mmdit.stages import check_inputs, run  # accelerate and the stages: only the scripts that train need them
+
+    cfg = load_config(config, overrides)
+    check_inputs(cfg)
+    run(cfg)
+
+
+def build(impl: str, cfg: DiTModelConfig, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return (DiT(cfg) if impl == "mmdit" else DiffusersDiT(cfg)).to(DEVICE)
 

@@ -24,10 +24,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from _common import DEFAULT_CONFIG, machine, table
+from _common import DEFAULT_CONFIG, machine, table, train
 
 import mmdit.stages.dit as dit_stage
-import train.train as train_script
 from mmdit import trainer
 from mmdit.checkpoints import Checkpoints
 from mmdit.config import load_config
@@ -118,7 +117,7 @@ def main() -> None:
         save = Checkpoints.save
         Checkpoints.save = timers.wrap("checkpoint", save)
         try:
-            train_script.main(["--config", str(DEFAULT_CONFIG), *overrides])
+            train(DEFAULT_CONFIG, overrides)
         except _Done:
             pass
         finally:

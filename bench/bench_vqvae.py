@@ -9,14 +9,13 @@ on reconstructions. Extra arguments are config overrides, e.g. `vqvae.channel_mu
 """
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import train
+
 from mmdit.config import load_config
-from train.train import main as train_main
 
 
 def main() -> None:
@@ -28,7 +27,7 @@ def main() -> None:
         overrides = [*args.overrides, "train.stage=vqvae", f"train.output_dir={tmp}/run"]
         cfg = load_config(args.config, overrides)
         start = time.perf_counter()
-        train_main(["--config", args.config, *overrides])
+        train(args.config, overrides)
         seconds = time.perf_counter() - start
         metrics = json.loads((Path(tmp) / "run" / "vqvae" / "metrics.json").read_text())
     t = cfg.vqvae_train

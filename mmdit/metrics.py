@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
-from torchvision.transforms.functional import pil_to_tensor
 
 from mmdit.clip import CLIP, file_id
-from mmdit.grid import to_pil
+from mmdit.pixels import to_float, to_uint8
 from mmdit.vqvae import VQVAE, psnr
 from mmdit.weights import atomic_write
 
@@ -49,11 +48,6 @@ REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_
 
 class MetricError(ValueError):
     """A metric that cannot be set up as asked; the message says what is wrong and what is accepted."""
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> uint8 (B, 3, H, W), rounded exactly as the saved PNGs are."""
-    return torch.stack([pil_to_tensor(im) for im in to_pil(images)])
 
 
 def add_noise(images: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
@@ -227,8 +221,8 @@ def reconstruct(vqvae: VQVAE, images: torch.Tensor, batch_size: int = 256) -> tu
     device = next(vqvae.parameters()).device
     recons, scores = [], []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device).float() / 127.5 - 1
+        x = to_float(images[i:i + batch_size].to(device))
         recon = vqvae.decode(vqvae.encode(x)[0])
         scores.append(psnr(x, recon).cpu())
-        recons.append(to_uint8(recon))
+        recons.append(to_uint8(recon).cpu())
     return torch.cat(recons), torch.cat(scores).mean().item()

@@ -2,6 +2,10 @@
 
     pipe = TextToImagePipeline.from_pretrained("runs/shapes")
     images = pipe(["a small blue square in the bottom right"], num_steps=25, guidance_scale=4.0, seed=0)
+    images = pipe(["a small blue square in the bottom right"])  # the options the run was trained with
+
+Sampling options (steps, guidance, sampler, seed, snap_to_codes: mmdit/sampling.py) are saved with the run from its
+`sample:` config section; an argument given to a call overrides them for that call.
 
 What is diffused: the VQ-VAE's *quantized* latents (codebook vectors, (B, d, h, w)), normalised per channel
 with the train-set mean and std stored in `pipeline.json`. Continuous latents keep rectified flow simple
@@ -22,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +35,9 @@ from PIL import Image
 from mmdit.checks import check_guidance, check_int, check_number, check_seed, check_steps
 from mmdit.dit import DiT
 from mmdit.flow import cfg_combine, sample
-from mmdit.grid import to_pil
+from mmdit.latents import LatentNorm
+from mmdit.pixels import to_pil
+from mmdit.sampling import SAMPLERS, SampleOptions
 from mmdit.text_encoder import TextEmbeddings, TextEncoder, conditioning
 from mmdit.vqvae import VQVAE
 from mmdit.weights import ExportError, atomic_write, load_dataclass
@@ -43,16 +49,22 @@ class PipelineInfo:
     max_length: int
     latent_mean: list[float]
     latent_std: list[float]
-    snap_to_codes: bool = True
     text_encoder_id: str | None = None  # TextEncoder.resolved_id in training; None in older exports
+    sample: SampleOptions = field(default_factory=SampleOptions)  # the run's `sample:` section: the defaults
+    snap_to_codes: bool | None = None  # older exports only, now sample.snap_to_codes
 
     def __post_init__(self):  # what a damaged or hand-edited pipeline.json can get wrong
         for key in ("text_encoder", "text_encoder_id"):
             if not isinstance(getattr(self, key), (str, type(None))):
                 raise ValueError(f"{key}={getattr(self, key)!r}; accepted: a string or null")
         check_int("max_length", self.max_length)
-        if not isinstance(self.snap_to_codes, bool):
-            raise ValueError(f"snap_to_codes={self.snap_to_codes!r}; accepted: true or false")
+        if isinstance(self.sample, dict):  # as read from pipeline.json
+            self.sample = SampleOptions(**self.sample)
+        if not isinstance(self.sample, SampleOptions):
+            raise ValueError(f"sample={self.sample!r}; accepted: the sampling options, a JSON object")
+        if self.snap_to_codes is not None:
+            self.sample = self.sample.override(snap_to_codes=self.snap_to_codes)
+            self.snap_to_codes = None
         for key in ("latent_mean", "latent_std"):
             stats = getattr(self, key)
             if not isinstance(stats, list) or not stats:
@@ -71,12 +83,6 @@ def noise_seed(seed: int, index: int) -> int:
     # As Python ints (what the checks return): numpy's integers hash as Python's.
     key = f"{check_seed('seed', seed)},{check_int('index', index, low=0)}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
-
-
-def check_sampling(num_steps: int, guidance_scale: float, seed: int = 0) -> None:
-    check_steps("num_steps", num_steps)
-    check_guidance("guidance_scale", guidance_scale)  # an infinite scale gives black images, NaN ones NaN
-    check_seed("seed", seed)
 
 
 def check_prompts(prompts) -> list[str]:
@@ -101,8 +107,7 @@ class TextToImagePipeline:
         self._text_encoder = None
         if text_encoder is not None:
             self._set_text_encoder(text_encoder)
-        self.mean = torch.tensor(info.latent_mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(info.latent_std).view(1, -1, 1, 1)
+        self.norm = LatentNorm(info.latent_mean, info.latent_std)
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -144,24 +149,24 @@ class TextToImagePipeline:
         info = self.info
         if info.text_encoder_id is None and self._text_encoder is not None:
             info = replace(info, text_encoder_id=self._text_encoder.resolved_id)
-        atomic_write(run_dir / "pipeline.json", json.dumps(asdict(info), indent=2).encode())
+        values = {k: v for k, v in asdict(info).items() if k != "snap_to_codes"}  # the older exports' key
+        atomic_write(run_dir / "pipeline.json", json.dumps(values, indent=2).encode())
 
     @torch.no_grad()
-    def generate(self, text: TextEmbeddings, null: TextEmbeddings, num_steps: int = 25, guidance_scale: float = 4.0,
-                 seed: int = 0, sampler: str = "euler", snap_to_codes: bool | None = None,
+    def generate(self, text: TextEmbeddings, null: TextEmbeddings, options: SampleOptions | None = None,
                  first_index: int = 0) -> torch.Tensor:
-        """Embedded prompts (B, L, D) + the empty-prompt embedding (1, L, D) -> images (B, 3, H, W) in [-1, 1].
-        Image i's noise depends only on (seed, first_index + i): a prompt's picture does not depend on how
-        the prompts are batched or sharded across processes."""
-        check_sampling(num_steps, guidance_scale, seed)
+        """Embedded prompts (B, L, D) + the empty-prompt embedding (1, L, D) -> images (B, 3, H, W) in [-1, 1],
+        sampled as `options` say (None = the run's). Image i's noise depends only on (options.seed,
+        first_index + i): a prompt's picture does not depend on how the prompts are batched or sharded."""
+        options = options or self.info.sample
         device = next(self.dit.parameters()).device
         cfg = self.dit.cfg
         b = len(text.hidden)
         noise = torch.stack([torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size,
-                                         generator=torch.Generator().manual_seed(noise_seed(seed, first_index + i)))
+                                         generator=torch.Generator().manual_seed(noise_seed(options.seed, first_index + i)))
                              for i in range(b)])
         text, null = conditioning(text), conditioning(null)  # what it trained on, from the cache or the encoder
-        guide = guidance_scale != 1.0
+        guide = options.guidance != 1.0
         # Conditional and unconditional predictions in one batch of 2B.
         hidden = torch.cat([text.hidden, null.hidden.expand(b, -1, -1)]) if guide else text.hidden
         mask = torch.cat([text.mask, null.mask.expand(b, -1)]) if guide else text.mask
@@ -172,23 +177,39 @@ class TextToImagePipeline:
             if not guide:
                 return self.dit(x, t, hidden, mask, pooled)
             v_cond, v_uncond = self.dit(torch.cat([x, x]), torch.cat([t, t]), hidden, mask, pooled).chunk(2)
-            return cfg_combine(v_cond, v_uncond, guidance_scale)
+            return cfg_combine(v_cond, v_uncond, options.guidance)
 
-        x = sample(velocity, noise.to(device), steps=num_steps, sampler=sampler)
-        latents = x * self.std.to(device) + self.mean.to(device)
-        if self.info.snap_to_codes if snap_to_codes is None else snap_to_codes:
+        x = sample(velocity, noise.to(device), steps=options.steps, sampler=options.sampler)
+        latents = self.norm.denormalise(x)
+        if options.snap_to_codes:
             latents = self.vqvae.quantize(latents)
         return self.vqvae.decode(latents).clamp(-1, 1)
 
-    def __call__(self, prompts: list[str], num_steps: int = 25, guidance_scale: float = 4.0, seed: int = 0,
-                 sampler: str = "euler", batch_size: int = 64, snap_to_codes: bool | None = None) -> list[Image.Image]:
+    def options(self, num_steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
+                sampler: str | None = None, snap_to_codes: bool | None = None) -> SampleOptions:
+        """The run's sampling options with the arguments that are not None instead; each checked by its name."""
+        for name, value, check in (("num_steps", num_steps, check_steps), ("seed", seed, check_seed),
+                                   ("guidance_scale", guidance_scale, check_guidance)):  # inf gives black images
+            if value is not None:
+                check(name, value)
+        if sampler is not None and sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}; accepted: {', '.join(SAMPLERS)}")
+        if snap_to_codes is not None and not isinstance(snap_to_codes, bool):
+            raise ValueError(f"snap_to_codes={snap_to_codes!r}; accepted: True, False or None (the run's)")
+        return self.info.sample.override(steps=num_steps, guidance=guidance_scale, seed=seed, sampler=sampler,
+                                         snap_to_codes=snap_to_codes)
+
+    def __call__(self, prompts: list[str], num_steps: int | None = None, guidance_scale: float | None = None,
+                 seed: int | None = None, sampler: str | None = None, batch_size: int = 64,
+                 snap_to_codes: bool | None = None) -> list[Image.Image]:
+        """Prompts -> PIL images. An argument left at None takes the run's saved sampling options
+        (`pipe.info.sample`: the `sample:` section it trained with)."""
         prompts = check_prompts(prompts)
         check_int("batch_size", batch_size)
-        check_sampling(num_steps, guidance_scale, seed)  # before the text encoder loads
+        options = self.options(num_steps, guidance_scale, seed, sampler, snap_to_codes)  # before the encoder loads
         null = self.text_encoder([""])
         images = []
         for start in range(0, len(prompts), batch_size):
             text = self.text_encoder(list(prompts[start:start + batch_size]))
-            images += to_pil(self.generate(text, null, num_steps, guidance_scale, seed, sampler, snap_to_codes,
-                                           first_index=start))
+            images += to_pil(self.generate(text, null, options, first_index=start))
         return images

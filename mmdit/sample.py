@@ -1,9 +1,10 @@
 """Sample a labelled grid from a trained run:
 
     python -m mmdit.sample --model runs/shapes --prompt "a small blue square in the bottom right" \\
-        [--prompt ...] --num-images 4 --steps 25 --guidance 4.0 --seed 0 --out grid.png
+        [--prompt ...] --num-images 4 [--steps 25 --guidance 4.0 --seed 0 --sampler euler] --out grid.png
 
-One row per prompt, `--num-images` samples per row; `--prompt ""` samples unconditionally.
+One row per prompt, `--num-images` samples per row; `--prompt ""` samples unconditionally. The sampling flags
+default to the options the run was trained with (its `sample:` section, saved in pipeline.json).
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmdit.checks import MAX_STEPS, check_guidance, check_int, check_seed, check_steps
-from mmdit.config import ArgumentParser, ConfigError, check_writable, run_cli
+from mmdit.checks import check_int
+from mmdit.cli import ArgumentParser, add_sampling_args, check_sampling_args, check_writable, run_cli
+from mmdit.config import ConfigError
 from mmdit.grid import check_image_path, save_grid
 from mmdit.pipeline import TextToImagePipeline
 from mmdit.text_encoder import TextEncoderLoadError
@@ -27,19 +29,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model", required=True, help="run directory written by train/train.py")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--num-images", type=int, default=4, help=f"samples per prompt (1 to {MAX_IMAGES})")
-    parser.add_argument("--steps", type=int, default=25, help=f"sampler steps (1 to {MAX_STEPS})")
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--sampler", choices=["euler", "heun"], default="euler")
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_args(parser)
     parser.add_argument("--no-snap", action="store_true", help="decode sampled latents without snapping to codes")
     parser.add_argument("--scale", type=int, default=2, help=f"pixel upscaling of the grid (1 to {MAX_SCALE})")
     parser.add_argument("--out", default="grid.png")
     args = parser.parse_args(argv)
     try:  # everything that would otherwise fail only after sampling
         check_int("--num-images", args.num_images, 1, MAX_IMAGES)
-        check_steps("--steps", args.steps)
-        check_guidance("--guidance", args.guidance)
-        check_seed("--seed", args.seed)
+        check_sampling_args(args)
         check_int("--scale", args.scale, 1, MAX_SCALE)
         check_writable(args.out, "--out", is_file=True)
         check_image_path(args.out, "--out")
@@ -49,8 +46,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     pipe = TextToImagePipeline.from_pretrained(args.model)
     n = args.num_images
-    images = pipe([p for p in args.prompt for _ in range(n)], num_steps=args.steps, guidance_scale=args.guidance,
-                  seed=args.seed, sampler=args.sampler, snap_to_codes=False if args.no_snap else None)
+    options = pipe.options(args.steps, args.guidance, args.seed, args.sampler, False if args.no_snap else None)
+    print(f"sampling: {options}")
+    images = pipe([p for p in args.prompt for _ in range(n)], num_steps=options.steps, guidance_scale=options.guidance,
+                  seed=options.seed, sampler=options.sampler, snap_to_codes=options.snap_to_codes)
     rows = [images[i * n:(i + 1) * n] for i in range(len(args.prompt))]
     labels = [p if p else "(unconditional)" for p in args.prompt]
     path = save_grid(rows, out, scale=args.scale, labels=labels)

@@ -26,9 +26,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -40,56 +39,13 @@ from tqdm.auto import tqdm
 
 from mmdit import compat, fsdp, precision
 from mmdit.checkpoints import Checkpoints
+from mmdit.config import StageConfig
 from mmdit.weights import atomic_write
 
 log = get_logger("mmdit.train")
 # The exit code of a run stopped by SIGTERM / SIGINT after checkpointing: not done, resumable (EX_TEMPFAIL), so
 # a scheduler does not take it for a finished job.
 STOPPED_RESUMABLE = 75
-
-
-@dataclass
-class StageConfig:
-    section: ClassVar[str] = "stage"  # the config section, for error messages
-    steps: int = 2000  # optimizer steps
-    batch_size: int = 64  # per process and micro-batch: global batch = batch_size x processes x accumulation
-    gradient_accumulation_steps: int = 1
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # "cosine" (to 0 at `steps`) | "constant"
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    max_bad_steps: int = 20  # consecutive steps with a non-finite loss or gradient before the run stops
-    log_every: int = 50
-    image_every: int = 500
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2  # 0 = keep all
-
-    def __post_init__(self):
-        for key in ("steps", "batch_size", "gradient_accumulation_steps", "max_bad_steps", "log_every",
-                    "image_every", "checkpoint_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{self.section}.{key}={getattr(self, key)}; accepted: an integer >= 1")
-        for key in ("warmup_steps", "keep_checkpoints", "weight_decay", "grad_clip"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{self.section}.{key}={getattr(self, key)}; accepted: a number >= 0")
-        for key in ("lr", "weight_decay", "grad_clip"):  # inf and NaN pass the comparisons above and below
-            if not math.isfinite(getattr(self, key)):
-                raise ValueError(f"{self.section}.{key}={getattr(self, key)}; accepted: a finite number")
-        if not self.lr > 0:
-            raise ValueError(f"{self.section}.lr={self.lr}; accepted: a number > 0")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"{self.section}.schedule={self.schedule!r}; accepted: cosine, constant")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"{self.section}.betas={self.betas}; accepted: two numbers in [0, 1)")
-
-
-def multi_cpu() -> bool:
-    """True under `accelerate launch --multi_gpu` on a machine without accelerators: the processes must then be
-    told `cpu=True` to form one data-parallel group over gloo, instead of running as independent copies."""
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
@@ -262,58 +218,127 @@ def choose_precision(accelerator: Accelerator, name: str, requested: str, record
     return resolved
 
 
+class Due(NamedTuple):
+    """What the loop does after an optimizer step, besides training: the one place these decisions are made."""
+    log: bool  # scalars to tensorboard and the bar, validation, and the bad-step check
+    image: bool  # a sample grid (the stage's on_image)
+    checkpoint: bool
+    stop: str | None  # the signal that asked to stop, if one did
+
+
+def due(done: int, cfg: StageConfig, stop: str | None, has_images: bool) -> Due:
+    last = done == cfg.steps
+    return Due(log=done % cfg.log_every == 0 or last, image=has_images and (done % cfg.image_every == 0 or last),
+               checkpoint=done % cfg.checkpoint_every == 0 or last or stop is not None, stop=stop)
+
+
+class Weights:
+    """The weights of a run being trained, and where they live: the prepared (DDP / FSDP) model and its
+    optimizer, a plain module with the whole weights (`plain`, what grids and the export see), the EMA, and the
+    checkpoints of all of it. Under FSDP the whole weights are gathered from the shards on demand (mmdit/fsdp.py)."""
+
+    def __init__(self, accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageConfig, out_dir: Path,
+                 ema: torch.nn.Module | None, data_state):
+        self.accelerator, self.name, self.cfg, self.ema = accelerator, name, cfg, ema
+        params = [p for p in model.parameters() if p.requires_grad]
+        # Fused AdamW: one kernel for all parameters, and it takes `found_inf`, which skips a step on the
+        # device when the gradient is not finite: the NaN guard needs no host sync.
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                      fused=True)
+        accelerator.free_memory()  # forget earlier stages' objects: a checkpoint holds this stage's alone
+        accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+        self.sharded = fsdp.is_fsdp(accelerator)
+        if self.sharded:  # a plain copy, made before sharding, to hold the whole weights when they are gathered
+            log.info(f"{name}: FSDP over {accelerator.num_processes} processes, "
+                     f"{fsdp.set_wrap_classes(accelerator, model)}")
+            whole = copy.deepcopy(model).to(accelerator.device)
+        # No scheduler object: the learning rate is set from the step (exact on resume, and accelerate's
+        # prepared scheduler would step once per process per optimizer step).
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.plain = whole if self.sharded else accelerator.unwrap_model(self.model)
+        self.checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints, name, self.plain, ema,
+                                       data_state, (self.model, self.optimizer.optimizer) if self.sharded else None,
+                                       dataclasses.asdict(cfg))
+        self.live = list(self.model.parameters())  # shards (DTensors) under FSDP
+
+    def resume(self, resume: str) -> int:
+        """Load the checkpoint `resume` names (see Checkpoints.resume) -> the step to start from. Then split the
+        EMA like the parameters: after loading, so the shards hold the resumed EMA, not the initial one."""
+        start = self.checkpoints.resume(self.accelerator, resume)
+        if self.ema is not None:  # updated where the parameters are: whole tensors, or each process's shards
+            self.ema.requires_grad_(False)
+            ema = list(self.ema.parameters())
+            self.ema_params = fsdp.shard_like(ema, self.live) if self.sharded else ema
+            self.ema_local, self.live_local = fsdp.local(self.ema_params), fsdp.local(self.live)
+        return start
+
+    def update_ema(self, step: int, decay: float, bad: torch.Tensor) -> None:
+        if self.ema is not None:
+            ema_update(self.ema_local, self.live_local, step, decay, bad)
+
+    def gather(self, with_model: bool) -> None:
+        """Under FSDP, whole weights into the EMA (and `plain`) from the shards: all processes, same step."""
+        if self.sharded and self.ema is not None:
+            fsdp.gather_into(self.ema, self.ema_params)
+        if self.sharded and with_model:
+            fsdp.gather_into(self.plain, self.live, list(self.model.buffers()))
+
+    def save(self, done: int) -> Path:
+        """A checkpoint (after `gather`), unless the weights went non-finite (a finite gradient can still make them
+        so, e.g. at a huge learning rate): such weights must never become what a resume picks up."""
+        if not all_finite(self.accelerator, [self.model] + ([self.ema] if self.ema is not None else [])):
+            last = self.checkpoints.all()[-1] if self.checkpoints.all() else None
+            self.accelerator.end_training()
+            raise TrainingDiverged(f"{self.name}: the weights became non-finite by step {done}; not checkpointed. The "
+                                   f"last good weights are in {last or 'no checkpoint yet'}; lower {self.cfg.section}.lr "
+                                   "or check the data, then rerun to resume")
+        return self.checkpoints.save(self.accelerator, done)
+
+
+def check_bad_steps(weights: Weights, bad_steps: BadSteps, done: int) -> None:
+    """Warn of the steps skipped since the last check; stop, checkpointed, after too many in a row."""
+    name, cfg = weights.name, weights.cfg
+    skipped, streak = bad_steps.read(done)
+    if skipped:
+        log.warning(f"{name}: skipped {len(skipped)} step(s) with a non-finite loss or gradient (weights unchanged): "
+                    f"{skipped[:10]}{' ...' if len(skipped) > 10 else ''}; {bad_steps.total} so far")
+    if streak >= cfg.max_bad_steps:
+        weights.gather(with_model=False)
+        path = weights.save(done)
+        weights.accelerator.end_training()
+        raise TrainingDiverged(f"{name}: {streak} consecutive steps with a non-finite loss or gradient (up to step "
+                               f"{done}; {cfg.section}.max_bad_steps={cfg.max_bad_steps}); stopped. The last good "
+                               f"weights are in {path}; lower {cfg.section}.lr or check the data, then rerun to resume")
+
+
+@torch.no_grad()
+def validation_logs(weights: Weights, validate: Callable, mixed_precision: str) -> dict:
+    """The stage's validation (e.g. the loss on held-out latents) on the live weights, on every process (under
+    FSDP the forward needs them all), in eval mode."""
+    model = weights.model
+    model.eval()
+    with precision.autocast(weights.accelerator.device, mixed_precision):
+        logs = validate(model)
+    model.train()
+    return logs
+
+
 def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageConfig,
         get_batch: Callable[[int, int, int], object],
         loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]], out_dir: Path,
         on_image: Callable[[int, torch.nn.Module], None] | None = None, ema: torch.nn.Module | None = None,
         ema_decay: float = 0.999, resume: str = "auto", data_state=None, mixed_precision: str = "no",
-        after_step: Callable[[torch.nn.Module, bool], None] | None = None) -> torch.nn.Module:
+        after_step: Callable[[torch.nn.Module, bool], None] | None = None,
+        validate: Callable[[torch.nn.Module], dict] | None = None) -> torch.nn.Module:
     """Train `model` for `cfg.steps` optimizer steps, resuming from `out_dir/checkpoints` as `resume` says
     (see Checkpoints.resume); returns the model as a plain module with its whole weights. `ema`, a copy
     of the model, tracks an exponential moving average of its weights. `mixed_precision`: see
     mmdit/precision.py. `after_step(model, skipped)` runs after each optimizer step on every process with the
-    live (unwrapped) model, e.g. for state the optimizer does not own (the VQ-VAE's codebook)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Fused AdamW: one kernel for all parameters, and it takes `found_inf`, which skips a step on the
-    # device when the gradient is not finite: the NaN guard needs no host sync.
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                  fused=True)
-    accelerator.free_memory()  # forget earlier stages' objects: a checkpoint holds this stage's alone
-    accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
-    sharded = fsdp.is_fsdp(accelerator)
-    if sharded:  # a plain copy, made before sharding, to hold the whole weights when they are gathered
-        log.info(f"{name}: FSDP over {accelerator.num_processes} processes, {fsdp.set_wrap_classes(accelerator, model)}")
-        whole = copy.deepcopy(model).to(accelerator.device)
-    # No scheduler object: the learning rate is set from the step (exact on resume, and accelerate's
-    # prepared scheduler would step once per process per optimizer step).
-    model, optimizer = accelerator.prepare(model, optimizer)
-    plain = whole if sharded else accelerator.unwrap_model(model)
-    checkpoints = Checkpoints(out_dir / "checkpoints", cfg.keep_checkpoints, name, plain, ema, data_state,
-                              (model, optimizer.optimizer) if sharded else None, dataclasses.asdict(cfg))
-    start = checkpoints.resume(accelerator, resume)
-    live = list(model.parameters())  # shards (DTensors) under FSDP
-    if ema is not None:  # updated where the parameters are: whole tensors, or each process's shards
-        ema.requires_grad_(False)
-        ema_params = fsdp.shard_like(list(ema.parameters()), live) if sharded else list(ema.parameters())
-        ema_local, live_local = fsdp.local(ema_params), fsdp.local(live)
-
-    def gather(with_model: bool) -> None:
-        """Under FSDP, whole weights into `ema` (and `whole`) from the shards: all processes, same step."""
-        if sharded and ema is not None:
-            fsdp.gather_into(ema, ema_params)
-        if sharded and with_model:
-            fsdp.gather_into(whole, live, list(model.buffers()))
-
-    def save(done: int) -> Path:
-        """A checkpoint (after `gather`), unless the weights went non-finite (a finite gradient can still make them so, e.g.
-        at a huge learning rate): such weights must never become what a resume picks up."""
-        if not all_finite(accelerator, [model] + ([ema] if ema is not None else [])):
-            last = checkpoints.all()[-1] if checkpoints.all() else None
-            accelerator.end_training()
-            raise TrainingDiverged(f"{name}: the weights became non-finite by step {done}; not checkpointed. The last "
-                                   f"good weights are in {last or 'no checkpoint yet'}; lower {cfg.section}.lr "
-                                   "or check the data, then rerun to resume")
-        return checkpoints.save(accelerator, done)
+    live (unwrapped) model, e.g. for state the optimizer does not own (the VQ-VAE's codebook). `validate(model)`
+    runs at log steps on every process and returns scalars to log under `<name>/val_*`."""
+    weights = Weights(accelerator, name, model, cfg, out_dir, ema, data_state)
+    model, optimizer, checkpoints = weights.model, weights.optimizer, weights.checkpoints
+    start = weights.resume(resume)
     bad_steps = BadSteps(cfg.log_every, accelerator.device, start)
     compat.restart_accumulation(accelerator)
     if start:
@@ -332,7 +357,7 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
             micro_batches = (get_batch(step, first_slot + m, slots) for m in range(accum))
             if chosen is None:  # on the first batch, which the step then trains on (a stream is read once)
                 first = next(micro_batches)
-                chosen = choose_precision(accelerator, name, mixed_precision, checkpoints.precision, plain,
+                chosen = choose_precision(accelerator, name, mixed_precision, checkpoints.precision, weights.plain,
                                           loss_fn, first, out_dir)
                 checkpoints.precision = chosen
                 micro_batches = itertools.chain([first], micro_batches)
@@ -340,52 +365,35 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
                                                         cfg.grad_clip)
             if after_step is not None:
                 after_step(accelerator.unwrap_model(model), bad)
-            if ema is not None:
-                ema_update(ema_local, live_local, step, ema_decay, bad)
+            weights.update_ema(step, ema_decay, bad)
             bad_steps.record(step, bad)
             done = step + 1
-            stopping = stop.requested()
-            log_now = done % cfg.log_every == 0 or done == cfg.steps
-            if log_now or done % cfg.checkpoint_every == 0 or stopping:
-                skipped, streak = bad_steps.read(done)
-                if skipped:
-                    log.warning(f"{name}: skipped {len(skipped)} step(s) with a non-finite loss or gradient "
-                                f"(weights unchanged): {skipped[:10]}{' ...' if len(skipped) > 10 else ''}; "
-                                f"{bad_steps.total} so far")
-                if streak >= cfg.max_bad_steps:
-                    gather(with_model=False)
-                    path = save(done)
-                    accelerator.end_training()
-                    raise TrainingDiverged(
-                        f"{name}: {streak} consecutive steps with a non-finite loss or gradient (up to step {done}; "
-                        f"{cfg.section}.max_bad_steps={cfg.max_bad_steps}); stopped. The last good weights are in "
-                        f"{path}; lower {cfg.section}.lr or check the data, then rerun to resume")
-            if log_now:
-                # The only host syncs of the loop: .item() on log and checkpoint steps.
-                now = time.perf_counter()
-                scalars = {f"{name}/{k}": float(v) for k, v in logs.items()}
-                scalars.update({f"{name}/loss": loss_sum.item() / accum, f"{name}/grad_norm": float(grad_norm),
-                                f"{name}/lr": optimizer.param_groups[0]["lr"], f"{name}/bad_steps": bad_steps.total,
-                                f"{name}/samples_per_s": (done - tick_step) * cfg.batch_size * slots / (now - tick)})
-                accelerator.log(scalars, step=done)
-                bar.set_postfix(loss=f"{scalars[f'{name}/loss']:.4f}", refresh=False)
-                tick, tick_step = now, done
-            image_now = on_image is not None and (done % cfg.image_every == 0 or done == cfg.steps)
-            checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping
-            if image_now or checkpoint_now:
-                gather(with_model=image_now)
-            if image_now and accelerator.is_main_process:
-                on_image(done, plain)
-            if checkpoint_now:
-                path = save(done)
-            if stopping:
+            now = due(done, cfg, stop.requested(), on_image is not None)
+            if now.log or now.checkpoint:
+                check_bad_steps(weights, bad_steps, done)
+            if now.log:  # the only host syncs of the loop: .item() on log and checkpoint steps
+                scalars = {**logs, "loss": loss_sum.item() / accum, "grad_norm": grad_norm,
+                           "lr": optimizer.param_groups[0]["lr"], "bad_steps": bad_steps.total,
+                           "samples_per_s": (done - tick_step) * cfg.batch_size * slots / (time.perf_counter() - tick)}
+                if validate is not None:
+                    scalars.update({f"val_{k}": v for k, v in validation_logs(weights, validate, chosen).items()})
+                accelerator.log({f"{name}/{k}": float(v) for k, v in scalars.items()}, step=done)
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
+                tick, tick_step = time.perf_counter(), done
+            if now.image or now.checkpoint:
+                weights.gather(with_model=now.image)
+            if now.image and accelerator.is_main_process:
+                on_image(done, weights.plain)
+            if now.checkpoint:
+                path = weights.save(done)
+            if now.stop:
                 bar.close()
-                log.warning(f"{name}: stopped by {stopping} after step {done}; checkpoint {path}. "
+                log.warning(f"{name}: stopped by {now.stop} after step {done}; checkpoint {path}. "
                             f"Run the same command again to resume (exit code {STOPPED_RESUMABLE})")
                 accelerator.end_training()
                 raise SystemExit(STOPPED_RESUMABLE)
     if cfg.steps > start and bad_steps.total == cfg.steps - start:  # shorter than max_bad_steps, all of it bad
         raise TrainingDiverged(f"{name}: every step ({start + 1} to {cfg.steps}) had a non-finite loss or gradient; "
                                f"nothing was learned or exported; lower {cfg.section}.lr or check the data")
-    gather(with_model=True)
-    return plain
+    weights.gather(with_model=True)
+    return weights.plain

@@ -9,8 +9,8 @@ import warnings
 import pytest
 from PIL import Image
 
-from eval.eval import cli as eval_cli
 from mmdit import TextToImagePipeline
+from mmdit.evaluate import cli as eval_cli
 from mmdit.sample import cli as sample_cli
 from mmdit.text_encoder import TextEncoder, TextEncoderLoadError
 from mmdit.weights import ExportError, WeightsMismatchError
@@ -206,7 +206,7 @@ DAMAGED = {
     "pipeline.json wrong field": ("pipeline.json", lambda b: json.dumps({**json.loads(b), "latent_mean": "x"}).encode(),
                                   "latent_mean='x'; accepted: a list of numbers, one per latent channel"),
     "config.json unknown key": ("dit/model/config.json", lambda b: json.dumps({**json.loads(b), "widht": 8}).encode(),
-                                "unknown key 'widht'; accepted keys: in_channels, input_size"),
+                                "unknown key 'widht'; accepted keys: patch_size, width"),
 }
 
 

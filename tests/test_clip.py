@@ -114,11 +114,12 @@ def test_directory_without_a_model_is_rejected(tmp_path):
 
 
 def test_train_clip_clamps_logit_scale_after_each_step(tmp_path):
-    """A loss that only pushes logit_scale up, through the shared training loop train_clip.py uses."""
+    """A loss that only pushes logit_scale up, through the shared training loop mmdit.clip_train uses."""
     from accelerate import Accelerator
 
-    from eval.train_clip import MAX_LOGIT_SCALE, clamp_logit_scale
-    from mmdit.trainer import StageConfig, fit
+    from mmdit.clip_train import MAX_LOGIT_SCALE, clamp_logit_scale
+    from mmdit.config import StageConfig
+    from mmdit.trainer import fit
 
     model = torch.nn.Module()
     model.logit_scale = torch.nn.Parameter(torch.tensor(4.0))  # AdamW at lr 1 moves it ~1 per step

@@ -3,7 +3,8 @@ import re
 import pytest
 import yaml
 
-from mmdit.config import Config, ConfigError, check_writable, load_config
+from mmdit.cli import check_writable
+from mmdit.config import Config, ConfigError, load_config
 
 
 def test_defaults_and_yaml(tmp_path):
@@ -133,3 +134,26 @@ def test_accelerate_configs_are_valid(name):
     assert cfg.num_processes >= cfg.num_machines >= 1 and cfg.mixed_precision in ("no", "bf16")
     launch_options = {a.dest for a in launch_command_parser()._actions}
     assert set(cfg.fsdp_config) <= launch_options  # accelerate launch silently ignores unknown FSDP keys
+
+
+def test_sizes_the_data_fix_are_not_keys_and_any_dividing_patch_size_is_accepted():
+    # 48 px at f4 is a 12x12 latent grid: patch 3 divides it (a DiTConfig that held a default input_size of 8
+    # refused this, naming a key the user never set).
+    cfg = load_config("configs/shapes.yaml", ["data.resolution=48", "dit.patch_size=3"])
+    built = cfg.dit.for_data(in_channels=cfg.vqvae.code_dim, input_size=48 // cfg.vqvae.downsample, text_dim=384)
+    assert (built.input_size, built.patch_size, built.width) == (12, 3, cfg.dit.width)
+    for key in ("in_channels", "input_size", "text_dim"):
+        with pytest.raises(ConfigError, match=f"unknown key 'dit.{key}'"):
+            load_config(None, [f"dit.{key}=8"])
+    with pytest.raises(ValueError, match=r"latent grid is 12x12 .* not divisible by dit.patch_size=5"):
+        load_config(None, ["dit.patch_size=5"]).dit.for_data(in_channels=8, input_size=12, text_dim=384)
+
+
+def test_sample_section_is_the_sampling_options():
+    from mmdit.sampling import SampleOptions
+
+    cfg = load_config(None, ["sample.steps=7", "sample.sampler=heun"])
+    assert cfg.sample == SampleOptions(steps=7, sampler="heun")
+    assert cfg.sample.override(steps=None, seed=3) == SampleOptions(steps=7, sampler="heun", seed=3)
+    with pytest.raises(ConfigError, match=r"sample.sampler='rk4'; accepted: euler, heun"):
+        load_config(None, ["sample.sampler=rk4"])

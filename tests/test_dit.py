@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmdit.dit import DiT, DiTConfig, RMSNorm, apply_rope, rope_2d
+from mmdit.dit import DiT, DiTModelConfig, RMSNorm, apply_rope, rope_2d
 
 from conftest import tolerance
 
@@ -15,13 +15,13 @@ MODES = ["cross", "joint"]
 pytestmark = pytest.mark.usefixtures("single_thread", "suite_precision")
 
 
-def tiny_cfg(**overrides) -> DiTConfig:
+def tiny_cfg(**overrides) -> DiTModelConfig:
     kw = {"in_channels": 4, "input_size": 4, "width": 32, "depth": 2, "heads": 2, "mlp_ratio": 2.0, "text_dim": 12}
     kw.update(overrides)
-    return DiTConfig(**kw)
+    return DiTModelConfig(**kw)
 
 
-def inputs(cfg: DiTConfig, batch: int = 2, length: int = 5, seed: int = 0):
+def inputs(cfg: DiTModelConfig, batch: int = 2, length: int = 5, seed: int = 0):
     """x, t, text, text_mask, pooled; caption b has length - b real tokens followed by padding."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
@@ -224,12 +224,12 @@ def test_mismatching_checkpoint_names_tensor_and_shapes(tmp_path):
     ({"width": 30, "heads": 4}, "dit.heads"),
     ({"width": 30, "heads": 5}, "dit.width"),  # 2D sin-cos needs a multiple of 4
     ({"width": 12, "heads": 2, "pos_embed": "rope"}, "dit.heads"),  # head size 6: 2D RoPE needs a multiple of 4
-    ({"input_size": 5, "patch_size": 2}, "dit.patch_size"),
+    ({"input_size": 5, "patch_size": 2}, r"the latent grid is 5x5 .*, not divisible by dit.patch_size=2"),
     ({"depth": 0}, r"dit.depth=0; accepted: an integer >= 1"),
     ({"width": -8}, r"dit.width=-8; accepted: an integer >= 1"),
     ({"heads": 0}, r"dit.heads=0; accepted: an integer >= 1"),  # was "width is not divisible by heads=0"
     ({"patch_size": 0}, r"dit.patch_size=0; accepted: an integer >= 1"),
-    ({"in_channels": 0}, r"dit.in_channels=0; accepted: an integer >= 1"),
+    ({"in_channels": 0}, r"in_channels=0; accepted: an integer >= 1"),
     ({"depth": "2"}, r"dit.depth='2'; accepted: an integer >= 1"),  # a hand-edited config.json is not coerced
     ({"mlp_ratio": float("inf")}, r"dit.mlp_ratio=inf; accepted: a finite number > 0"),
 ])

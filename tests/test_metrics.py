@@ -8,9 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from mmdit.clip import load_clip
-from mmdit.grid import to_pil
 from mmdit.metrics import (FID, MetricError, add_noise, clip_cosines, clip_extractor, clip_score, inception_extractor,
-                           retrieval_top1, to_uint8)
+                           retrieval_top1)
 from test_clip import make_tiny_open_clip  # tests/ is on sys.path (rootdir conftest)
 
 
@@ -128,9 +127,3 @@ def test_retrieval_top1_is_the_hand_computation(tiny_clip, single_thread):
     best = (image @ text.T).argmax(-1).tolist()
     expected = sum(distinct[b] == c for b, c in zip(best, captions)) / 5
     assert retrieval_top1(tiny_clip, x, captions, batch_size=2) == pytest.approx(expected)
-
-
-def test_to_uint8_rounds_like_the_saved_pngs():
-    x = torch.rand(2, 3, 8, 8) * 2 - 1
-    import numpy as np
-    assert np.array_equal(to_uint8(x)[1].permute(1, 2, 0).numpy(), np.asarray(to_pil(x)[1]))

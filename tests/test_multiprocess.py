@@ -128,7 +128,8 @@ import json, os, sys
 from pathlib import Path
 import torch
 from accelerate import Accelerator
-from mmdit.trainer import StageConfig, batch_indices, fit
+from mmdit.config import StageConfig
+from mmdit.trainer import batch_indices, fit
 
 out, precision = Path(sys.argv[1]), sys.argv[2]
 accelerator = Accelerator(cpu=True, mixed_precision="no")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmdit.config import DataConfig, load_config
+from mmdit.config import load_config
+from mmdit.data import DataConfig
 from mmdit.data.loader import ImageCaptions, split_captions
 from mmdit.data.openmoji import NoCaption, build, caption, main, parse_codepoints, split_of
 

@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 import warnings
 from dataclasses import replace
 
@@ -10,6 +11,7 @@ from PIL import Image
 from mmdit import TextToImagePipeline
 from mmdit.pipeline import noise_seed
 from mmdit.sample import main as sample_main
+from mmdit.sampling import SampleOptions
 from mmdit.text_encoder import CaptionCache
 from train.train import main as train_main
 
@@ -62,7 +64,7 @@ def test_noise_seeds_do_not_collide(pipe):
     with pytest.raises(ValueError, match=r"seed=-1; accepted: an integer from 0 to 2\*\*64 - 1"):
         noise_seed(-1, 0)
     text, null = pipe.text_encoder(["a red circle"]), pipe.text_encoder([""])
-    a, b = (pipe.generate(text, null, 1, 1.0, seed, snap_to_codes=False, first_index=i)
+    a, b = (pipe.generate(text, null, SampleOptions(steps=1, guidance=1.0, seed=seed, snap_to_codes=False), first_index=i)
             for seed, i in ((1, 0), (0, 100_003)))
     assert not torch.equal(a, b)
     with pytest.raises(ValueError, match=r"seed=1.5; accepted: an integer"):
@@ -96,6 +98,33 @@ def test_export_records_the_resolved_text_encoder_and_warns_when_another_loads(p
 
 
 # Bad arguments and run directories: tests/test_bad_input.py.
+
+
+def test_the_runs_sampling_options_are_the_defaults_and_arguments_override_them(tiny_run, tmp_path):
+    saved = json.loads((tiny_run / "pipeline.json").read_text())
+    assert "snap_to_codes" not in saved and saved["sample"]["steps"] == 2  # tiny_args: sample.steps=2
+    assert TextToImagePipeline.from_pretrained(tiny_run).info.sample == SampleOptions(**saved["sample"])
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "pipeline.json").write_text(json.dumps({**saved, "sample": {**saved["sample"], "steps": 3, "seed": 5}}))
+    pipe = TextToImagePipeline.from_pretrained(run)
+    assert pipe.options() == replace(pipe.info.sample, steps=3, seed=5)
+    assert pipe.options(num_steps=1, seed=0) == replace(pipe.info.sample, steps=1, seed=0)
+    calls = []
+    pipe.dit.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    first = pipe(["a red circle"])
+    assert len(calls) == 3  # the run's 3 steps
+    assert first[0].tobytes() == pipe(["a red circle"], num_steps=3, seed=5)[0].tobytes()
+    assert first[0].tobytes() != pipe(["a red circle"], seed=0)[0].tobytes()
+
+
+def test_an_export_from_before_the_sampling_options_loads(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    saved = json.loads((run / "pipeline.json").read_text())
+    del saved["sample"]
+    (run / "pipeline.json").write_text(json.dumps({**saved, "snap_to_codes": False}))
+    assert TextToImagePipeline.from_pretrained(run).info.sample == SampleOptions(snap_to_codes=False)
 
 
 def test_sample_cli_writes_a_grid(tiny_run, tmp_path):

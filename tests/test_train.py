@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mmdit.config import DataConfig
+from mmdit.data import DataConfig
 from mmdit.data.loader import DataError
 from mmdit import compat, precision
-from mmdit.trainer import StageConfig, batch_indices, lr_factor
+from mmdit.config import StageConfig
+from mmdit.trainer import batch_indices, lr_factor
 from mmdit.vqvae import VQVAE
 from mmdit.data.stream import StreamBatches
 from train.train import main

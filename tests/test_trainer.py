@@ -18,7 +18,8 @@ from accelerate.utils import load as load_pickled
 from safetensors.torch import load_file
 
 from mmdit.checkpoints import CheckpointError, Checkpoints
-from mmdit.trainer import STOPPED_RESUMABLE, StageConfig, TrainingDiverged, batch_indices, fit
+from mmdit.config import StageConfig
+from mmdit.trainer import STOPPED_RESUMABLE, TrainingDiverged, batch_indices, fit
 from train.train import main
 
 from conftest import PRECISION, tiny_args, tolerance

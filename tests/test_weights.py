@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from mmdit import weights
-from mmdit.dit import DiT, DiTConfig
+from mmdit.dit import DiT, DiTModelConfig
 from mmdit.pipeline import PipelineInfo, TextToImagePipeline
 from mmdit.vqvae import VQVAE, VQVAEConfig
 
 
 def tiny_pipeline(seed: int) -> TextToImagePipeline:
     torch.manual_seed(seed)
-    dit = DiT(DiTConfig(in_channels=4, input_size=4, width=16, depth=1, heads=2, text_dim=8))
+    dit = DiT(DiTModelConfig(in_channels=4, input_size=4, width=16, depth=1, heads=2, text_dim=8))
     vqvae = VQVAE(VQVAEConfig(channels=8, channel_mult=[1], codebook_size=8, code_dim=4))
     return TextToImagePipeline(dit, vqvae, PipelineInfo(None, 4, [0.0] * 4, [1.0] * 4))
 

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from mmdit.checkpoints import CheckpointError, DiskFull
-from mmdit.config import ArgumentParser, ConfigError, load_config, run_cli
+from mmdit.cli import ArgumentParser, run_cli
+from mmdit.config import ConfigError, load_config
 from mmdit.data.loader import DataError
 from mmdit.runlock import RunLock, RunLocked
 from mmdit.stages import check_inputs, run

@@ -2,7 +2,7 @@
 
     ds = open_split(cfg.data, "train")              # a datasets.Dataset / IterableDataset, images undecoded
     images = ImageCaptions.from_split(cfg.data, "train")   # decoded once: uint8 (N, 3, R, R) + captions
-    stream = StreamingImageCaptions(cfg.data, "train", rank, world_size)  # for datasets too big for disk
+    stream = StreamingImageCaptions(cfg.data, "train", rank, world_size)  # too big for disk: yields images
 
 What `cfg.name` may be (the same path for all):
 - "shapes": the synthetic dataset in `cfg.path` (parquet, the hub's own layout);
@@ -40,7 +40,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
-from mmdit.config import DataConfig
+from mmdit.data import DataConfig
+from mmdit.pixels import from_pil, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -190,21 +191,6 @@ def _column(values: list, key: str, root: Path) -> list:
 # ---------------------------------------------------------------------------------------------------
 # Decoding and preprocessing one example.
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparent pixels become white (the usual background of icon datasets)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit gray: scale to 8 bits, PIL would clip
-        image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB")
-
-
 def decode_image(value: Any) -> Image.Image | None:
     """{"bytes", "path"} / path / PIL image -> RGB PIL image, or None if it cannot be decoded."""
     try:
@@ -231,7 +217,7 @@ def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
     if image.size != (resolution, resolution):
         image = TF.resize(image, resolution, interpolation=InterpolationMode.BICUBIC, antialias=True)
         image = TF.center_crop(image, [resolution, resolution])
-    return TF.pil_to_tensor(image)
+    return from_pil(image)
 
 
 def _text(value: Any) -> list[str]:
@@ -312,15 +298,14 @@ def pick_caption(captions: list[str], seed: int, draw: int, index: int) -> str:
     return captions[random.Random(f"{seed}/{draw}/{index}").randrange(len(captions))]
 
 
-class ImageCaptions(torch.utils.data.Dataset):
-    """A split decoded once into memory: fast epochs for the small datasets a CPU trains on."""
+class ImageCaptions:
+    """A split decoded once into memory: fast epochs for the small datasets a CPU trains on. Training draws
+    rows of `images` by index and picks each row's caption from `captions` itself (`pick_caption`)."""
 
-    def __init__(self, images: torch.Tensor, captions: list[list[str]], columns: dict[str, list], seed: int = 0):
+    def __init__(self, images: torch.Tensor, captions: list[list[str]], columns: dict[str, list]):
         self.images = images  # (N, 3, R, R) uint8
-        self.captions = captions
-        self.columns = columns
-        self.seed = seed
-        self.epoch = 0
+        self.captions = captions  # the candidate captions of each row
+        self.columns = columns  # the dataset's other columns, a list per column
 
     @classmethod
     def from_split(cls, cfg: DataConfig, split: str, progress: bool = True) -> "ImageCaptions":
@@ -337,23 +322,18 @@ class ImageCaptions(torch.utils.data.Dataset):
         if not images:
             raise DataError(f"dataset {dataset_source(cfg)!r} split {split!r} has no usable images "
                             f"({sum(skipped.values())} skipped)")
-        dataset = cls(torch.stack(images), captions, columns, seed=cfg.seed)
+        dataset = cls(torch.stack(images), captions, columns)
         dataset.skipped, dataset.notes = skipped, notes
         return dataset
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> dict:
-        return {
-            "image": self.images[index],
-            "caption": pick_caption(self.captions[index], self.seed, self.epoch, index),
-            "index": index,
-        }
-
 
 class StreamingImageCaptions(torch.utils.data.IterableDataset):
-    """A split streamed from disk or the hub, sharded across processes, decoded on the fly.
+    """A split streamed from disk or the hub, sharded across processes, decoded on the fly: yields its uint8
+    images (3, R, R), what StreamBatches batches (the latent cache of a streamed split, encode_stream, reads
+    captions and columns through `iter_examples` instead).
 
     Each process sees a disjoint part of the stream (`datasets.distributed.split_dataset_by_node`), and
     the stream is shuffled with a buffer, re-seeded every epoch through `set_epoch`.
@@ -374,12 +354,11 @@ class StreamingImageCaptions(torch.utils.data.IterableDataset):
         self.epoch = epoch
         self.ds.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[torch.Tensor]:
         kept = 0
-        rows = iter_examples(self.ds, self.cfg, self.skipped, notes=self.notes)
-        for index, (image, captions, _) in enumerate(rows):
+        for image, _, _ in iter_examples(self.ds, self.cfg, self.skipped, notes=self.notes):
             kept += 1
-            yield {"image": image, "caption": pick_caption(captions, self.cfg.seed, self.epoch, index), "index": index}
+            yield image
         log.info(summary(dataset_source(self.cfg), self.split, kept, self.skipped, self.notes))
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmdit.data.loader import to_rgb
+from mmdit.pixels import to_rgb
 
 ZWJ, VS15, VS16, KEYCAP, CANCEL_TAG = 0x200D, 0xFE0E, 0xFE0F, 0x20E3, 0xE007F
 # Fitzpatrick modifiers, worded as CLDR does ("waving hand: medium skin tone"): the colour is visible, so the

@@ -8,7 +8,7 @@ from collections import Counter
 import torch
 
 from mmdit import latents
-from mmdit.config import DataConfig
+from mmdit.data import DataConfig
 from mmdit.data.loader import DataError, ImageCaptions, StreamingImageCaptions, iter_examples, open_split
 from mmdit.vqvae import VQVAE
 
@@ -33,8 +33,8 @@ class StreamBatches:
         while len(images) < self.batch_size:
             if shard not in self.iters:
                 self.iters[shard], self.in_epoch[shard] = iter(stream), 0
-            item = next(self.iters[shard], None)
-            if item is None:  # the end of this shard's epoch; the next one is reshuffled
+            image = next(self.iters[shard], None)
+            if image is None:  # the end of this shard's epoch; the next one is reshuffled
                 if self.in_epoch[shard] == 0:
                     raise DataError(f"shard {shard} of {num_shards} of the streamed split has no usable images; "
                                     "accepted: a dataset with at least as many files as shards, or fewer processes")
@@ -42,7 +42,7 @@ class StreamBatches:
                 stream.set_epoch(stream.epoch + 1)
                 continue
             self.in_epoch[shard] += 1
-            images.append(item["image"])
+            images.append(image)
         return torch.stack(images)
 
     def state_dict(self) -> dict:

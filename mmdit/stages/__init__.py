@@ -13,9 +13,9 @@ from accelerate.logging import get_logger
 
 from mmdit import precision
 from mmdit.checkpoints import checkpoint_stage, remove_partial_saves
-from mmdit.config import Config, ConfigError, check_writable
+from mmdit.cli import check_writable, multi_cpu
+from mmdit.config import Config, ConfigError
 from mmdit.data.loader import DataError, ensure_dataset
-from mmdit.trainer import multi_cpu
 
 log = get_logger("mmdit.train")
 

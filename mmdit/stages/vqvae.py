@@ -1,4 +1,7 @@
-"""The VQ-VAE stage: train the tokenizer on the train split, export it, fill the latent cache, measure it."""
+"""The VQ-VAE stage: train the tokenizer on the train split, export it, fill the latent cache, measure it.
+
+Its pieces, each testable alone: `ImageBatches` (what fit trains on at a step), `ReconLoss`, `recon_grid`,
+`fill_latent_cache`, `validation_metrics`."""
 from __future__ import annotations
 
 import json
@@ -12,10 +15,12 @@ from accelerate.utils import set_seed
 
 from mmdit import latents
 from mmdit.config import Config
+from mmdit.data import DataConfig
 from mmdit.data.loader import ImageCaptions
 from mmdit.data.shapes import ATTRIBUTES, judge_accuracy
 from mmdit.data.stream import StreamBatches, encode_stream
-from mmdit.grid import save_grid, to_pil
+from mmdit.grid import save_grid
+from mmdit.pixels import to_float, to_pil
 from mmdit.stages import check_enough_rows
 from mmdit.trainer import batch_indices, fit
 from mmdit.vqvae import VQVAE, code_stats, psnr
@@ -23,75 +28,105 @@ from mmdit.vqvae import VQVAE, code_stats, psnr
 log = get_logger("mmdit.train")
 
 
+class ImageBatches:
+    """fit's `get_batch` for the VQ-VAE: images in [-1, 1] on the device, from the split in memory (uint8
+    (N, 3, R, R), rows a pure function of (seed, step)) or from a stream (StreamBatches: each process its own
+    shards, nothing held in memory)."""
+
+    def __init__(self, source: torch.Tensor | StreamBatches, batch_size: int, seed: int, device: torch.device):
+        self.source, self.batch_size, self.seed, self.device = source, batch_size, seed, device
+
+    def __call__(self, step: int, slot: int, num_slots: int) -> torch.Tensor:
+        if isinstance(self.source, StreamBatches):
+            images = self.source(step, slot, num_slots)
+        else:
+            images = self.source[batch_indices(step, len(self.source), self.batch_size, self.seed, slot, num_slots)]
+        return to_float(images).to(self.device)
+
+
+class ReconLoss:
+    """fit's `loss_fn` for the VQ-VAE: weighted L1 + MSE of the reconstruction, plus the commitment loss."""
+
+    def __init__(self, l1_weight: float, mse_weight: float):
+        self.l1_weight, self.mse_weight = l1_weight, mse_weight
+
+    def __call__(self, model: VQVAE, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        recon, commit, stats = model(x)
+        recon = recon.float()
+        l1, mse = (recon - x).abs().mean(), F.mse_loss(recon, x)
+        loss = self.l1_weight * l1 + self.mse_weight * mse + commit
+        return loss, {"l1": l1.detach(), "mse": mse.detach(), "commit": commit.detach(),
+                      "psnr": psnr(x, recon.detach()).mean(), **stats}
+
+
+@torch.no_grad()
+def recon_grid(model: VQVAE, images: torch.Tensor, path: Path) -> Path:
+    """Two rows: `images` ((B, 3, R, R) in [-1, 1]) and their reconstructions."""
+    was_training = model.training
+    model.eval()
+    recon = model.decode(model.encode(images.to(next(model.parameters()).device))[0])
+    model.train(was_training)
+    return save_grid([to_pil(images), to_pil(recon)], path, scale=4)
+
+
+def fill_latent_cache(vqvae: VQVAE, cfg: DataConfig, directory: Path, train: ImageCaptions | None,
+                      val: ImageCaptions) -> torch.Tensor:
+    """Encode both splits into the latent cache (a streamed train split chunk by chunk) and measure the latent
+    normalisation on the train split; -> the validation code indices (N, h, w)."""
+    if train is None:
+        train_idx, train = encode_stream(vqvae, cfg, cfg.train_split)
+    else:
+        train_idx = latents.encode_images(vqvae, train.images, desc="latent cache: train")
+    val_idx = latents.encode_images(vqvae, val.images, desc="latent cache: validation")
+    latents.save_split(directory, cfg.train_split, train_idx, train)
+    latents.save_split(directory, cfg.val_split, val_idx, val)
+    latents.LatentNorm.measure(vqvae, train_idx).save(directory)
+    return val_idx
+
+
+@torch.no_grad()
+def validation_metrics(vqvae: VQVAE, val: ImageCaptions, val_idx: torch.Tensor, judge: bool) -> dict:
+    """Reconstruction PSNR, codebook usage and perplexity on the validation split, from its cached code indices;
+    with `judge` (shapes), the share of reconstructions the shapes judge reads as their caption says."""
+    recon = torch.cat([vqvae.decode_indices(val_idx[i:i + 256].long()).cpu() for i in range(0, len(val_idx), 256)])
+    real = to_float(val.images)
+    counts = torch.bincount(val_idx.flatten().long(), minlength=vqvae.cfg.codebook_size).float()
+    metrics = {"psnr": psnr(real, recon).mean().item(), **{k: v.item() for k, v in code_stats(counts).items()}}
+    if judge:
+        truth = [dict(zip(ATTRIBUTES, values)) for values in zip(*(val.columns[a] for a in ATTRIBUTES))]
+        metrics["judge"] = judge_accuracy(to_pil(recon), truth)
+    return metrics
+
+
 def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path) -> None:
     """Stage 1: train the tokenizer on the train split, export it, then fill the latent cache."""
     tcfg = cfg.vqvae_train
     set_seed(cfg.train.seed)  # a stage's result must not depend on what ran before it in this process
     val = ImageCaptions.from_split(cfg.data, cfg.data.val_split, progress=accelerator.is_main_process)
-    fixed = val.images[:8].float() / 127.5 - 1
-    global_batch = tcfg.batch_size * accelerator.num_processes * tcfg.gradient_accumulation_steps
-    if cfg.data.streaming:  # each process streams its own shards; nothing is held in memory
-        train = None
-        accum = tcfg.gradient_accumulation_steps
-        first = accelerator.process_index * accum
+    train, stream = None, None
+    if cfg.data.streaming:  # each process streams its own shards, one per accumulation micro-batch
+        accum, first = tcfg.gradient_accumulation_steps, accelerator.process_index * tcfg.gradient_accumulation_steps
         stream = StreamBatches(cfg.data, cfg.data.train_split, range(first, first + accum),
                                accelerator.num_processes * accum, tcfg.batch_size)
-
-        def get_batch(step: int, slot: int, num_slots: int) -> torch.Tensor:
-            return (stream(step, slot, num_slots).float() / 127.5 - 1).to(accelerator.device)
     else:
-        stream = None
         train = ImageCaptions.from_split(cfg.data, cfg.data.train_split, progress=accelerator.is_main_process)
-        images = train.images  # (N, 3, R, R) uint8, kept uint8 until the batch is gathered
-        check_enough_rows(len(images), global_batch, "vqvae_train")
-
-        def get_batch(step: int, slot: int, num_slots: int) -> torch.Tensor:
-            rows = batch_indices(step, len(images), tcfg.batch_size, cfg.train.seed, slot, num_slots)
-            return (images[rows].float() / 127.5 - 1).to(accelerator.device)
-
-    def loss_fn(model, x):
-        recon, commit, stats = model(x)
-        recon = recon.float()
-        l1, mse = (recon - x).abs().mean(), F.mse_loss(recon, x)
-        loss = tcfg.l1_weight * l1 + tcfg.mse_weight * mse + commit
-        return loss, {"l1": l1.detach(), "mse": mse.detach(), "commit": commit.detach(),
-                      "psnr": psnr(x, recon.detach()).mean(), **stats}
-
-    def on_image(step: int, model: VQVAE) -> None:
-        model.eval()
-        with torch.no_grad():
-            recon = model.decode(model.encode(fixed.to(accelerator.device))[0])
-        model.train()
-        save_grid([to_pil(fixed), to_pil(recon)], out / "vqvae" / f"recon-{step:06d}.png", scale=4)
+        check_enough_rows(len(train.images), tcfg.batch_size * accelerator.num_processes * tcfg.gradient_accumulation_steps,
+                          "vqvae_train")
+    batches = ImageBatches(stream if stream is not None else train.images, tcfg.batch_size, cfg.train.seed, accelerator.device)
+    fixed = to_float(val.images[:8])
 
     vqvae = VQVAE(cfg.vqvae)
     log.info(f"vqvae: {sum(p.numel() for p in vqvae.parameters()) / 1e6:.2f}M parameters, f{cfg.vqvae.downsample}, "
              f"{cfg.vqvae.codebook_size} codes of dim {cfg.vqvae.code_dim}, {tcfg.steps} steps")
-    vqvae = fit(accelerator, "vqvae", vqvae, tcfg, get_batch, loss_fn, out / "vqvae", on_image,
+    vqvae = fit(accelerator, "vqvae", vqvae, tcfg, batches, ReconLoss(tcfg.l1_weight, tcfg.mse_weight), out / "vqvae",
+                lambda step, model: recon_grid(model, fixed, out / "vqvae" / f"recon-{step:06d}.png"),
                 resume=cfg.train.resume, data_state=stream, mixed_precision=cfg.train.mixed_precision,
                 after_step=lambda model, skipped: model.quantizer.update(skipped))
     if not accelerator.is_main_process:
         return
     vqvae.eval()
     vqvae.save_pretrained(out / "vqvae" / "model")
-    cache = out / "latents"
-    if train is None:
-        train_idx, train = encode_stream(vqvae, cfg.data, cfg.data.train_split)
-    else:
-        train_idx = latents.encode_images(vqvae, train.images, desc="latent cache: train")
-    val_idx = latents.encode_images(vqvae, val.images, desc="latent cache: validation")
-    latents.save_split(cache, cfg.data.train_split, train_idx, train)
-    latents.save_split(cache, cfg.data.val_split, val_idx, val)
-    stats = latents.latent_stats(vqvae, train_idx)
-    (cache / "stats.json").write_text(json.dumps(stats, indent=2))
-
-    with torch.no_grad():  # validation metrics, from the cached indices
-        recon = torch.cat([vqvae.decode_indices(val_idx[i:i + 256].long()).cpu() for i in range(0, len(val_idx), 256)])
-    real = val.images.float() / 127.5 - 1
-    counts = torch.bincount(val_idx.flatten().long(), minlength=cfg.vqvae.codebook_size).float()
-    metrics = {"psnr": psnr(real, recon).mean().item(), **{k: v.item() for k, v in code_stats(counts).items()}}
-    if cfg.data.name == "shapes":
-        truth = [dict(zip(ATTRIBUTES, values)) for values in zip(*(val.columns[a] for a in ATTRIBUTES))]
-        metrics["judge"] = judge_accuracy(to_pil(recon), truth)
+    val_idx = fill_latent_cache(vqvae, cfg.data, out / "latents", train, val)
+    metrics = validation_metrics(vqvae, val, val_idx, judge=cfg.data.name == "shapes")
     (out / "vqvae" / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info(f"vqvae: validation {json.dumps(metrics)}")

@@ -1,0 +1,374 @@
+"""Evaluate a trained run: generate images for a caption set and score them.
+
+    python eval/eval.py --model runs/shapes --out DIR [--metrics fid,clip,composition,recon] [--num-samples 500]
+        [--split validation | --prompts FILE] [--steps 25 --guidance 4.0 --seed 0 --sampler euler (default: the run's)]
+        [--clip-model DIR|NAME] [--fid-features inception|clip] [--inception-weights FILE] [--cache-dir DIR]
+    accelerate launch eval/eval.py ...    # sampling sharded across processes, the same numbers as one process
+
+Caption set (--split): N rows of the split, in split order. When the dataset flags combinations held out of
+training (shapes `--holdout`), they get an equal share, N/2 rows (all of them when there are fewer), so that
+both accuracies are measured on enough samples. The real images of these rows are the FID reference set, the
+CLIP-score ceiling and what the VQ-VAE reconstructs. --prompts FILE: one caption per line (.txt), or JSON
+lines {"caption": ..., and for composition "shape", "color", "position", "size", optional "holdout"}, of which
+the first N are sampled; the FID reference is then as many images, the first of --split, and there is no ceiling.
+
+Metrics (mmdit/metrics.py has the protocol details):
+- fid: torchmetrics FID of the samples vs the reference set, on Inception-v3 features (--inception-weights FILE
+  offline) or a CLIP's image features (--fid-features clip); reference statistics cached in --cache-dir;
+- clip: CLIP score (100 * max(cos, 0)) of samples and of the real images for the same captions (the ceiling);
+- composition (shapes): the judge's per-attribute and all-four accuracy, for seen and held-out combinations;
+- recon: VQ-VAE reconstruction PSNR of the reference images, and FID of reconstructions vs real.
+A CLIP written by eval/train_clip.py is in-domain: its scores are labelled so, never standard CLIP/FID.
+
+Sharding: image i's noise depends only on (seed, i) (mmdit.pipeline.noise_seed). Batches of --batch-size start at
+multiples of it whatever the number of processes, each process samples a contiguous run of batches, and the main
+process gathers them in order and computes every metric: any number of processes gives the same images and numbers.
+Writes DIR/report.json (every number and the protocol), DIR/report.md and DIR/samples.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mmdit.checks import check_int
+from mmdit.cli import ArgumentParser, add_sampling_args, check_sampling_args, check_writable, multi_cpu, run_cli
+from mmdit.clip import CLIPLoadError, load_clip
+from mmdit.config import ConfigError, load_config
+from mmdit.data.loader import DataError, ImageCaptions, dataset_source
+from mmdit.data.shapes import ATTRIBUTES, judge_accuracy
+from mmdit.grid import save_grid
+from mmdit.metrics import (FID, MetricError, clip_cosines, clip_extractor, clip_score, inception_extractor,
+                           reconstruct, retrieval_top1)
+from mmdit.pipeline import TextToImagePipeline
+from mmdit.sampling import SampleOptions
+from mmdit.pixels import to_uint8
+from mmdit.text_encoder import TextEncoderLoadError
+from mmdit.weights import ExportError
+
+METRICS = ("fid", "clip", "composition", "recon")
+MAX_SAMPLES = 50_000  # FID's customary N; every sample is held in memory until scored
+
+
+class EvalError(ValueError):
+    """Bad input to eval: the message says what is wrong and what is accepted."""
+
+
+USER_ERRORS = (EvalError, ConfigError, DataError, CLIPLoadError, MetricError, TextEncoderLoadError, FileNotFoundError,
+               ExportError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="run directory written by train/train.py")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--metrics", default="composition", help=f"comma-separated: {', '.join(METRICS)}")
+    parser.add_argument("--num-samples", type=int, default=500, help=f"1 to {MAX_SAMPLES}")
+    parser.add_argument("--split", default="validation", help="caption set and real images (default: %(default)s)")
+    parser.add_argument("--prompts", help="caption file instead of the split's captions: .txt or .jsonl")
+    add_sampling_args(parser)
+    parser.add_argument("--batch-size", type=int, default=100, help="sampling batch: also the unit of sharding")
+    parser.add_argument("--clip-model", help="CLIP for clip score / CLIP features: a train_clip.py directory or a name")
+    parser.add_argument("--fid-features", choices=["inception", "clip"], default="inception")
+    parser.add_argument("--inception-weights", help="local Inception-v3 weights (.pth or .safetensors), for offline")
+    parser.add_argument("--cache-dir", help="FID reference statistics (default: the run's train.cache_dir/fid)")
+    args = parser.parse_args(argv)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        problem = f"unknown metric {unknown[0]!r}" if unknown else "names no metric"
+        parser.error(f"--metrics={args.metrics!r}: {problem}; accepted: a comma-separated list of "
+                     f"{', '.join(METRICS)}")
+    args.metrics = metrics
+    try:  # what would otherwise fail only after loading the run, or in the middle of sampling
+        check_int("--num-samples", args.num_samples, 1, MAX_SAMPLES)
+        check_sampling_args(args)
+        check_int("--batch-size", args.batch_size)
+    except ValueError as e:
+        parser.error(str(e))
+    uses_fid = bool({"fid", "recon"} & set(args.metrics))
+    if not args.clip_model and ("clip" in args.metrics or (args.fid_features == "clip" and uses_fid)):
+        parser.error("--metrics clip and --fid-features clip need --clip-model DIR|NAME "
+                     "(e.g. a directory written by eval/train_clip.py)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# The caption set.
+
+@dataclass
+class CaptionSet:
+    captions: list[str]
+    truth: list[dict] | None  # per caption: the attributes the judge must read (shapes), else None
+    real: torch.Tensor | None  # uint8 (N, 3, R, R): the real image of each caption, when there is one
+    reference: torch.Tensor  # uint8 real images: FID reference set, reconstructed by the VQ-VAE
+    protocol: dict
+
+
+def select_rows(holdout: list[bool], n: int) -> list[int]:
+    """n rows: the first held-out rows, an equal share (all of them when fewer), then the first seen rows."""
+    held = [i for i, h in enumerate(holdout) if h]
+    seen = [i for i, h in enumerate(holdout) if not h]
+    k_seen = min(len(seen), n - min(len(held), n // 2))
+    return sorted(held[:n - k_seen] + seen[:k_seen])
+
+
+def read_prompts(path: Path) -> tuple[list[str], list[dict] | None]:
+    if not path.is_file():
+        raise EvalError(f"--prompts {path}: no such file; accepted: a .txt file (one caption per line) or .jsonl")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines, None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+            rows[-1]["caption"] = str(rows[-1]["caption"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise EvalError(f"--prompts {path} line {number}: not a JSON object with a \"caption\" ({e})") from e
+    has_truth = all(all(a in r for a in ATTRIBUTES) for r in rows)
+    return [r["caption"] for r in rows], rows if has_truth else None
+
+
+def caption_set(cfg, args) -> CaptionSet:
+    data = ImageCaptions.from_split(cfg.data, args.split, progress=False)
+    n = args.num_samples
+    if args.prompts:
+        captions, truth = read_prompts(Path(args.prompts))
+        if not captions:
+            raise EvalError(f"--prompts {args.prompts} holds no caption")
+        captions, truth = captions[:n], truth[:n] if truth else None
+        # As many real images as samples, as with --split: FID's bias depends on the set sizes, so FIDs from
+        # the two caption sources compare only so.
+        reference = data.images[:len(captions)]
+        protocol = {"source": f"prompts file {args.prompts}", "reference": f"first {len(reference)} images of "
+                    f"split {args.split!r}"}
+        return CaptionSet(captions, truth, None, reference, protocol)
+    holdout = data.columns.get("holdout")
+    rows = select_rows(holdout, n) if holdout else list(range(min(n, len(data))))
+    truth = ([{k: data.columns[k][i] for k in data.columns} for i in rows]
+             if all(a in data.columns for a in ATTRIBUTES) else None)
+    held = sum(bool(holdout[i]) for i in rows) if holdout else 0
+    protocol = {"source": f"split {args.split!r}, first caption of each row",
+                "selection": ("held-out combinations get an equal share (min(N/2, all of them)), the rest are the "
+                              "first seen rows, in split order" if holdout else "the first N rows"),
+                "n_seen": len(rows) - held, "n_held_out": held, "reference": "the real images of these rows"}
+    real = data.images[rows]
+    return CaptionSet([data.captions[i][0] for i in rows], truth, real, real, protocol)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling, sharded by whole batches.
+
+def my_batches(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Start indices of this process's batches: a contiguous run of the batches one process would run."""
+    starts = list(range(0, n, batch_size))
+    return starts[rank * len(starts) // world:(rank + 1) * len(starts) // world]
+
+
+@torch.no_grad()
+def generate(pipe: TextToImagePipeline, captions: list[str], options: SampleOptions, batch_size: int, rank: int = 0,
+             world: int = 1) -> list:
+    """This process's share of the samples: [(first index, uint8 (B, 3, H, W)), ...]."""
+    null = pipe.text_encoder([""])
+    out = []
+    for start in tqdm(my_batches(len(captions), batch_size, rank, world), desc="sampling", disable=rank != 0):
+        text = pipe.text_encoder(captions[start:start + batch_size])
+        images = pipe.generate(text, null, options, first_index=start)
+        out.append((start, to_uint8(images).cpu()))
+    return out
+
+
+def merge(parts: list) -> torch.Tensor:
+    return torch.cat([images for _, images in sorted(parts, key=lambda p: p[0])])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring (main process only).
+
+def groups(truth: list[dict] | None, n: int) -> dict[str, list[int]]:
+    """Index lists: all captions, and seen / held-out combinations when the captions are flagged."""
+    out = {"all_captions": list(range(n))}
+    if truth and any("holdout" in t for t in truth):
+        for name, flag in (("seen", False), ("held_out", True)):
+            keep = [i for i, t in enumerate(truth) if bool(t.get("holdout", False)) == flag]
+            if keep:
+                out[name] = keep
+    return out
+
+
+def composition(images: torch.Tensor, truth: list[dict]) -> dict:
+    arrays = images.permute(0, 2, 3, 1).numpy()
+    report = {}
+    for name, keep in groups(truth, len(truth)).items():
+        report[name] = {"n": len(keep), **judge_accuracy([arrays[i] for i in keep], [truth[i] for i in keep])}
+    return report
+
+
+def clip_report(clip, images: torch.Tensor, cs: CaptionSet) -> dict:
+    samples = clip_cosines(clip, images, cs.captions)
+    real = clip_cosines(clip, cs.real, cs.captions) if cs.real is not None else None
+    # The floor: each real image scored against the next row's caption. A score is informative only as far
+    # as it sits above this (an in-domain CLIP's embeddings can all be close).
+    mismatched = clip_cosines(clip, cs.real, cs.captions[1:] + cs.captions[:1]) if cs.real is not None else None
+    label = ("in-domain CLIP score (a CLIP trained on this dataset by eval/train_clip.py; not comparable with "
+             "published CLIP scores)" if clip.in_domain else f"CLIP score ({clip.info['name']})")
+    report = {"model": clip.info["name"], "in_domain": clip.in_domain, "label": label, "resize": clip.info["resize"]}
+    if clip.in_domain:
+        report["clip_training"] = {k: clip.info["train_info"].get(k) for k in ("dataset", "train_pairs", "retrieval")}
+    for name, keep in groups(cs.truth, len(cs.captions)).items():
+        row = {"n": len(keep), "samples": clip_score(samples[keep])}
+        if real is not None:
+            row["real_ceiling"] = clip_score(real[keep])
+            row["mismatched_floor"] = clip_score(mismatched[keep])
+            row["ratio_to_ceiling"] = row["samples"]["clip_score"] / max(row["real_ceiling"]["clip_score"], 1e-9)
+        report[name] = row
+    return report
+
+
+def setup_scorers(args, device, cache_dir: Path) -> tuple:
+    """Load what the metrics need before sampling, and check where results go, so that a missing model or an
+    unwritable directory fails in seconds, not after sampling."""
+    check_writable(args.out, "--out")
+    if {"fid", "recon"} & set(args.metrics):
+        check_writable(cache_dir, "--cache-dir")  # by default the run's train.cache_dir/fid
+    clip = load_clip(args.clip_model, device) if args.clip_model else None
+    fid = None
+    if {"fid", "recon"} & set(args.metrics):
+        extractor, info = (clip_extractor(clip) if args.fid_features == "clip"
+                           else inception_extractor(args.inception_weights))
+        fid = FID(extractor, info)
+        fid.metric.to(device)
+    return clip, fid
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    # `accelerate launch --multi_gpu` on a machine without accelerators: CPU processes over gloo, as train.py.
+    state = PartialState(cpu=multi_cpu())
+    run = Path(args.model)
+    if not (run / "config.yaml").is_file():
+        raise EvalError(f"--model {run}: not a run directory (no config.yaml); accepted: a directory written by "
+                        "train/train.py")
+    cfg = load_config(run / "config.yaml")
+    pipe = TextToImagePipeline.from_pretrained(run)
+    pipe.dit.to(state.device)
+    pipe.vqvae.to(state.device)
+    cs = caption_set(cfg, args)
+    cache_dir = Path(args.cache_dir or Path(cfg.train.cache_dir) / "fid")
+    clip, fid = setup_scorers(args, state.device, cache_dir) if state.is_main_process else (None, None)
+
+    start = time.perf_counter()
+    options = pipe.options(args.steps, args.guidance, args.seed, args.sampler)
+    parts = gather_object(generate(pipe, cs.captions, options, args.batch_size, state.process_index,
+                                   state.num_processes))
+    seconds = time.perf_counter() - start
+    if not state.is_main_process:
+        return None
+    images = merge(parts)
+
+    report = {"protocol": {
+        "model": str(run), "dataset": dataset_source(cfg.data), "split": args.split, "resolution": cfg.data.resolution,
+        "holdout": cfg.data.holdout, "caption_set": cs.protocol, "num_samples": len(images), **asdict(options),
+        "noise": "image i: torch.Generator().manual_seed(mmdit.pipeline.noise_seed(seed, i)), a blake2b hash",
+        "text_encoder": pipe.text_encoder.resolved_id, "batch_size": args.batch_size,
+        "processes": state.num_processes, "dit_mode": pipe.dit.cfg.mode, "sampling_seconds": round(seconds, 1)}}
+    if fid is not None:
+        description = {"dataset": dataset_source(cfg.data), "split": args.split, "resolution": cfg.data.resolution,
+                       "rows": cs.protocol["reference"]}
+        report["fid_extractor"] = {**fid.info, "reference": fid.set_reference(cs.reference, description, cache_dir)}
+    if "fid" in args.metrics:
+        report["fid"] = {"label": fid.info["label"], "samples_vs_reference": fid(images)}
+    if "clip" in args.metrics:
+        report["clip"] = clip_report(clip, images, cs)
+    if "composition" in args.metrics:
+        report["composition"] = (composition(images, cs.truth) if cs.truth is not None
+                                 else {"skipped": "the captions carry no shape attributes"})
+    if "recon" in args.metrics:
+        recon, psnr_db = reconstruct(pipe.vqvae, cs.reference)
+        report["recon"] = {"n": len(recon), "psnr_db": psnr_db, "fid_label": fid.info["label"],
+                           "fid_recon_vs_reference": fid(recon)}
+        if clip is not None:  # are the reconstructions still recognisable as their captions?
+            report["recon"]["clip_retrieval_top1"] = {"reference": retrieval_top1(clip, cs.reference, cs.captions),
+                                                      "recon": retrieval_top1(clip, recon, cs.captions)}
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    save_samples(images, cs, out / "samples.png")
+    print(markdown(report))
+    return report
+
+
+def save_samples(images: torch.Tensor, cs: CaptionSet, path: Path, rows: int = 24) -> None:
+    """One captioned row per caption: the sample, then the real image when there is one."""
+    pil = lambda t: Image.fromarray(np.ascontiguousarray(t.permute(1, 2, 0).numpy()))  # noqa: E731
+    shown = range(min(rows, len(images)))
+    grid = [[pil(images[i])] + ([pil(cs.real[i])] if cs.real is not None else []) for i in shown]
+    labels = [cs.captions[i] + (" [held out]" if cs.truth and cs.truth[i].get("holdout") else "") for i in shown]
+    save_grid(grid, path, scale=2, labels=labels)
+
+
+def markdown(report: dict) -> str:
+    p = report["protocol"]
+    lines = [f"# mmdit evaluation: {p['model']}", "",
+             (f"{p['num_samples']} samples, {p['caption_set']['source']}, {p['steps']} {p['sampler']} steps, "
+              f"guidance {p['guidance']}, seed {p['seed']}, DiT mode {p['dit_mode']}, {p['processes']} process(es), "
+              f"{p['sampling_seconds']} s sampling."), ""]
+    if "fid_extractor" in report:
+        e = report["fid_extractor"]
+        cached = ", statistics from the cache" if e["reference"]["from_cache"] else ""
+        lines += [(f"FID features: {e['label']}; resize: {e['resize']}; reference: {e['reference']['n']} images "
+                   f"({e['reference']['rows']}){cached}."), ""]
+    if "fid" in report:
+        lines += ["## FID", "", (f"{report['fid']['label']}: **{report['fid']['samples_vs_reference']:.3f}** "
+                                 "(samples vs reference)"), ""]
+    if "clip" in report:
+        c = report["clip"]
+        lines += ["## CLIP score", "", f"{c['label']}. Floor: real images with the next row's caption.", "",
+                  "| captions | n | samples | real images (ceiling) | ratio | mismatched captions (floor) |",
+                  "|---|---|---|---|---|---|"]
+        for name in ("all_captions", "seen", "held_out"):
+            if name in c:
+                row = c[name]
+                ceiling = f"{row['real_ceiling']['clip_score']:.2f}" if "real_ceiling" in row else "-"
+                ratio = f"{100 * row['ratio_to_ceiling']:.1f}%" if "ratio_to_ceiling" in row else "-"
+                floor = f"{row['mismatched_floor']['clip_score']:.2f}" if "mismatched_floor" in row else "-"
+                lines.append(f"| {name} | {row['n']} | {row['samples']['clip_score']:.2f} | {ceiling} | {ratio} | "
+                             f"{floor} |")
+        lines.append("")
+    if "composition" in report:
+        comp, keys = report["composition"], [*ATTRIBUTES, "all"]
+        lines += ["## Compositional accuracy (shapes judge)", ""]
+        if "skipped" in comp:
+            lines += [f"Skipped: {comp['skipped']}.", ""]
+        else:
+            lines += ["| captions | n | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+            lines += [f"| {name} | {row['n']} | " + " | ".join(f"{100 * row[k]:.1f}%" for k in keys) + " |"
+                      for name, row in comp.items()]
+            lines.append("")
+    if "recon" in report:
+        r = report["recon"]
+        lines += ["## VQ-VAE reconstruction", "",
+                  (f"{r['n']} reference images: PSNR {r['psnr_db']:.2f} dB, {r['fid_label']} of reconstructions vs "
+                   f"real: {r['fid_recon_vs_reference']:.3f}"), ""]
+        if "clip_retrieval_top1" in r:
+            top1 = r["clip_retrieval_top1"]
+            lines += [f"CLIP image->text top-1 among the distinct captions: real {100 * top1['reference']:.1f}%, "
+                      f"reconstructions {100 * top1['recon']:.1f}%", ""]
+    return "\n".join(lines)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(main, argv, user_errors=USER_ERRORS)
+

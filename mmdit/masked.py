@@ -1,0 +1,85 @@
+"""Masked-token generation (MaskGIT, Muse): the training objective and the iterative parallel decoder.
+
+The image is the VQ-VAE's grid of code indices. Training hides a random share r of them behind a [MASK] id,
+r = cos(pi/2 * u) with u ~ U(0, 1) (most steps mask a lot: generation starts from all masked), and the model
+predicts the hidden codes: cross-entropy on the masked positions only. The mask ratio plays the part flow's t
+plays (1 = nothing known), and is embedded the same way.
+
+Sampling starts with every position masked and, over T steps, predicts all of them at once, keeps the most
+confident predictions and re-masks the rest: after step i, floor(N * cos(pi/2 * (i+1)/T)) positions stay masked,
+none after the last. A decided token never changes. Confidence is log p(token) plus Gumbel noise scaled by
+`randomness * (1 - (i+1)/T)`, so early steps explore and late steps commit.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# model(tokens (B, N) long with [MASK] = K, ratio (B,)) -> logits (B, N, K); the conditioning is bound in.
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def mask_ratio(u: torch.Tensor) -> torch.Tensor:
+    """The cosine schedule: the share of tokens masked at uniform position u in [0, 1]."""
+    return torch.cos(math.pi / 2 * u)
+
+
+def mask_tokens(tokens: torch.Tensor, mask_id: int, u: torch.Tensor, scores: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokens (B, N), u (B,) in [0, 1), scores (B, N) uniform -> (inputs with the masked positions set to mask_id,
+    masked (B, N) bool, the mask ratio (B,)). Image b masks its floor(N * ratio) lowest-scored positions, at least
+    one: the random draws come from the caller, so a batch is a pure function of (seed, step)."""
+    n = tokens.shape[1]
+    ratio = mask_ratio(u)
+    count = (ratio * n).floor().clamp(1, n)  # (B,)
+    rank = scores.argsort(dim=1).argsort(dim=1)  # (B, N): the rank of each position's score
+    masked = rank < count[:, None]
+    return torch.where(masked, mask_id, tokens), masked, count / n
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-sample cross-entropy (B,) over the masked positions only: logits (B, N, K), targets (B, N) long."""
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets.long(), reduction="none",
+                         label_smoothing=label_smoothing)  # (B, N)
+    return (ce * masked).sum(1) / masked.sum(1).clamp(min=1)
+
+
+def still_masked(i: int, steps: int, n: int, masked_now: int) -> int:
+    """How many positions stay masked after step i (0-based) of `steps`: the cosine schedule, at least 1 and
+    at most masked_now - 1 (every step decides something), 0 after the last."""
+    if i == steps - 1:
+        return 0
+    return max(1, min(masked_now - 1, math.floor(n * math.cos(math.pi / 2 * (i + 1) / steps))))
+
+
+def gumbel(uniform: torch.Tensor) -> torch.Tensor:
+    return -torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
+
+
+@torch.no_grad()
+def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codebook_size: int, device,
+           steps: int = 12, temperature: float = 1.0, randomness: float = 4.5) -> torch.Tensor:
+    """MaskGIT decoding of len(generators) images of n tokens -> code indices (B, n). Image b's random draws
+    come from generators[b] alone, so a picture does not depend on the batch it is decoded in."""
+    b, mask_id = len(generators), codebook_size
+    tokens = torch.full((b, n), mask_id, dtype=torch.long, device=device)
+    masked = torch.ones(b, n, dtype=torch.bool, device=device)
+    for i in range(steps):
+        # One (n, K + n) draw per image and step: Gumbel noise to sample tokens, then to perturb confidences.
+        draws = torch.stack([torch.rand(n, codebook_size + 1, generator=g) for g in generators]).to(device)
+        logits = logits_fn(tokens, masked.float().mean(1)).float() / temperature  # (B, n, K)
+        logp = logits.log_softmax(-1)
+        choice = (logp + gumbel(draws[..., :codebook_size])).argmax(-1)  # a sample of softmax(logits / T)
+        choice = torch.where(masked, choice, tokens)
+        confidence = logp.gather(-1, choice[..., None])[..., 0]
+        confidence = confidence + randomness * (1 - (i + 1) / steps) * gumbel(draws[..., codebook_size])
+        confidence = torch.where(masked, confidence, math.inf)  # decided tokens are never re-masked
+        keep = still_masked(i, steps, n, int(masked[0].sum()))
+        rank = confidence.argsort(dim=1).argsort(dim=1)
+        masked = rank < keep  # the `keep` least confident stay masked
+        tokens = torch.where(masked, mask_id, choice)
+    return tokens

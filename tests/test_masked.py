@@ -1,0 +1,95 @@
+"""The masked-token objective and its MaskGIT sampler (mmdit/masked.py), on toy logits."""
+import math
+
+import pytest
+import torch
+
+from mmdit.masked import mask_ratio, mask_tokens, masked_loss, sample, still_masked
+
+K, N = 16, 12
+
+
+def test_mask_tokens_masks_the_scheduled_share_at_least_one_and_reports_it():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, K, (6, N), generator=g)
+    u = torch.tensor([0.0, 0.3, 0.5, 0.9, 0.999, 0.9999])
+    inputs, masked, ratio = mask_tokens(tokens, K, u, torch.rand(6, N, generator=g))
+    counts = masked.sum(1)
+    expected = (mask_ratio(u) * N).floor().clamp(min=1)
+    assert torch.equal(counts.float(), expected) and counts.min() >= 1 and counts[0] == N
+    assert torch.equal(ratio, counts / N)
+    assert (inputs[masked] == K).all() and torch.equal(inputs[~masked], tokens[~masked])
+
+
+def test_mask_ratio_is_the_cosine_schedule():
+    u = torch.rand(100_000, generator=torch.Generator().manual_seed(1))
+    r = mask_ratio(u)
+    assert r.max() <= 1 and r.min() >= 0
+    assert r.mean().item() == pytest.approx(2 / math.pi, abs=0.01)  # E[cos(pi/2 u)] = 2 / pi
+
+
+def test_the_loss_counts_masked_positions_only():
+    g = torch.Generator().manual_seed(2)
+    logits, targets = torch.randn(2, N, K, generator=g), torch.randint(0, K, (2, N), generator=g)
+    masked = torch.zeros(2, N, dtype=torch.bool)
+    masked[0, :3] = True
+    masked[1, 5] = True
+    loss = masked_loss(logits, targets, masked)
+    changed = logits.clone()
+    changed[~masked] = torch.randn_like(changed[~masked])  # what is not masked does not count
+    assert torch.equal(masked_loss(changed, targets, masked), loss)
+    ce = torch.nn.functional.cross_entropy(logits[0, :3], targets[0, :3])
+    assert loss[0].item() == pytest.approx(ce.item(), rel=1e-6)
+    assert masked_loss(logits, targets, masked, label_smoothing=0.1)[0] != loss[0]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 12])
+def test_the_schedule_decides_something_every_step_and_everything_at_the_end(steps):
+    left = N
+    for i in range(steps):
+        keep = still_masked(i, steps, N, left)
+        assert 0 <= keep < left
+        left = keep
+    assert left == 0
+
+
+class Recorder:
+    """Toy logits with a preference per position; records what the sampler showed it."""
+
+    def __init__(self):
+        self.calls, self.inputs = 0, []
+        self.bias = torch.randn(N, K, generator=torch.Generator().manual_seed(3)) * 3
+
+    def __call__(self, tokens, ratio):
+        self.calls += 1
+        self.inputs.append(tokens.clone())
+        assert torch.allclose(ratio, (tokens == K).float().mean(1))
+        return self.bias.expand(len(tokens), -1, -1)
+
+
+def generators(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_the_sampler_makes_t_calls_ends_unmasked_and_never_changes_a_decided_token():
+    fn = Recorder()
+    tokens = sample(fn, generators([0, 1, 2]), N, K, "cpu", steps=5)
+    assert fn.calls == 5 and (tokens < K).all()
+    history = fn.inputs + [tokens]
+    for before, after in zip(history, history[1:]):
+        decided = before != K
+        assert torch.equal(after[decided], before[decided])
+        assert ((after != K).sum(1) > decided.sum(1)).all()  # each step decides more
+
+
+def test_sampling_depends_on_each_images_own_generator_only():
+    together = sample(Recorder(), generators([5, 6, 7]), N, K, "cpu", steps=4)
+    alone = sample(Recorder(), generators([6]), N, K, "cpu", steps=4)
+    assert torch.equal(together[1:2], alone)
+    assert not torch.equal(together[0], together[2])
+
+
+def test_low_temperature_and_no_randomness_take_the_argmax():
+    fn = Recorder()
+    tokens = sample(fn, generators([0]), N, K, "cpu", steps=3, temperature=1e-4, randomness=0.0)
+    assert torch.equal(tokens[0], fn.bias.argmax(-1))
