@@ -41,11 +41,12 @@ def settings(mode: str) -> list[Setting]:
     """The issue's matched config (batch 64, 8x8x8 latents, patch 1, width 256, depth 6, 16 tokens of 384),
     the project's default DiT stage (configs/shapes.yaml: same latents and text, its width/depth/batch), and
     `gpu`: the DiT-B/2 stage of configs/imagefolder-256-gpu.yaml (32x32x8 latents, 77 CLIP-L tokens of 768)."""
-    data = {"in_channels": 8, "input_size": 8, "text_dim": 384}
+    data = {"in_channels": 8, "input_size": 8, "text_dim": 384, "codebook_size": 1024}
     cfg = load_config(DEFAULT_CONFIG)
     default = replace(cfg.dit, patch_size=1, mode=mode).for_data(**data)
     gpu = load_config(GPU_CONFIG)
-    big = replace(gpu.dit, mode=mode).for_data(in_channels=gpu.vqvae.code_dim, input_size=32, text_dim=768)
+    big = replace(gpu.dit, mode=mode).for_data(in_channels=gpu.vqvae.code_dim, input_size=32, text_dim=768,
+                                               codebook_size=gpu.vqvae.codebook_size)
     matched = DiTConfig(width=256, depth=6, heads=4, patch_size=1, mode=mode).for_data(**data)
     return [Setting("matched", matched, 64),
             Setting("default", default, cfg.dit_train.batch_size, cfg.text_encoder.max_length),

@@ -19,7 +19,7 @@ import torch
 
 from mmdit.checks import MAX_STEPS, check_guidance, check_seed, check_steps
 from mmdit.config import ConfigError
-from mmdit.sampling import SAMPLERS
+from mmdit.sampling import ALL_SAMPLERS, check_randomness, check_temperature
 from mmdit.weights import try_write
 
 
@@ -78,16 +78,21 @@ def multi_cpu() -> bool:
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """--steps, --guidance, --sampler, --seed: each defaults to the run's saved sampling options (mmdit/sampling.py)."""
+    """--steps, --guidance, --sampler, --seed, --temperature, --randomness: each defaults to the run's saved sampling options (mmdit/sampling.py)."""
     parser.add_argument("--steps", type=int, help=f"sampler steps (1 to {MAX_STEPS}; default: the run's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 = none (default: the run's)")
-    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the run's")
+    parser.add_argument("--sampler", choices=ALL_SAMPLERS,
+                        help="flow: euler, heun; masked: maskgit (default: the run's)")
     parser.add_argument("--seed", type=int, help="image i's noise comes from (seed, i) (default: the run's)")
+    parser.add_argument("--temperature", type=float, help="masked: softmax temperature of the drawn tokens "
+                        "(default: the run's)")
+    parser.add_argument("--randomness", type=float, help="masked: Gumbel noise on the confidences (default: the run's)")
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:
     """ValueError, naming the flag, for a sampling flag that is given and out of range."""
     for flag, value, check in (("--steps", args.steps, check_steps), ("--guidance", args.guidance, check_guidance),
-                               ("--seed", args.seed, check_seed)):
+                               ("--seed", args.seed, check_seed), ("--temperature", args.temperature,
+                               check_temperature), ("--randomness", args.randomness, check_randomness)):
         if value is not None:
             check(flag, value)

@@ -1,7 +1,13 @@
 """Diffusion transformer over VQ-VAE latents, conditioned on frozen text-encoder states.
 
-    model = DiT(DiTConfig(mode="joint").for_data(in_channels=8, input_size=8, text_dim=384))
-    v = model(x, t, text, text_mask, pooled)  # the rectified-flow velocity, shaped like x
+    model = DiT(DiTConfig(mode="joint").for_data(in_channels=8, input_size=8, text_dim=384, codebook_size=1024))
+    v = model(x, t, text, text_mask, pooled)  # flow: the velocity, shaped like the latents x (B, C, H, W)
+    logits = model(codes, ratio, text, text_mask, pooled)  # masked: codes (B, H, W) -> logits (B, H, W, K)
+
+One backbone for both objectives (mmdit/flow.py, mmdit/masked.py). "flow" reads continuous code vectors and
+predicts a velocity; "masked" reads code indices, [MASK] = K included, through an embedding of the codes' width
+(initialised from the normalised codebook by the stage) and predicts K logits per code, with the mask ratio
+where flow has t: the same patch conv, positions, blocks and adaLN, only the first and last layer differ.
 
 One file, modelled on facebookresearch/DiT's models.py, with two ways of reading the caption:
 - "cross" (PixArt-alpha): image tokens self-attend, then cross-attend to the text tokens, with
@@ -43,6 +49,7 @@ class DiTConfig:
     qk_norm: bool = True  # RMSNorm on q and k, per head
     pos_embed: str = "sincos"  # "sincos" (2D sin-cos, fixed) | "rope" (2D rotary on image tokens only)
     grad_checkpointing: bool = False
+    objective: str = "flow"  # "flow" (rectified flow on code vectors) | "masked" (MaskGIT on code indices)
 
     def __post_init__(self):
         for key in ("patch_size", "width", "depth", "heads"):
@@ -50,6 +57,8 @@ class DiTConfig:
         check_number("dit.mlp_ratio", self.mlp_ratio, "a finite number > 0", lambda v: v > 0)
         if self.mode not in ("cross", "joint"):
             raise ValueError(f"dit.mode={self.mode!r}; accepted: cross, joint")
+        if self.objective not in ("flow", "masked"):
+            raise ValueError(f"dit.objective={self.objective!r}; accepted: flow, masked")
         if self.pos_embed not in ("sincos", "rope"):
             raise ValueError(f"dit.pos_embed={self.pos_embed!r}; accepted: sincos, rope")
         if self.width % self.heads:
@@ -62,9 +71,9 @@ class DiTConfig:
             raise ValueError(f"dit.width={self.width}, dit.heads={self.heads}: 2D RoPE needs a head size "
                              "(width / heads) that is a multiple of 4; accepted: such width and heads")
 
-    def for_data(self, in_channels: int, input_size: int, text_dim: int) -> "DiTModelConfig":
+    def for_data(self, in_channels: int, input_size: int, text_dim: int, codebook_size: int) -> "DiTModelConfig":
         return DiTModelConfig(**dataclasses.asdict(self), in_channels=in_channels, input_size=input_size,
-                              text_dim=text_dim)
+                              text_dim=text_dim, codebook_size=codebook_size)
 
 
 @dataclass
@@ -74,10 +83,11 @@ class DiTModelConfig(DiTConfig):
     in_channels: int = 8  # VQ-VAE latent channels d (vqvae.code_dim)
     input_size: int = 8  # latent grid side h = w (data.resolution / vqvae.downsample)
     text_dim: int = 384  # text encoder hidden size
+    codebook_size: int = 1024  # VQ-VAE codes K (vqvae.codebook_size): the masked objective's vocabulary
 
     def __post_init__(self):
         super().__post_init__()
-        for key in ("in_channels", "input_size", "text_dim"):
+        for key in ("in_channels", "input_size", "text_dim", "codebook_size"):
             check_int(key, getattr(self, key))
         if self.input_size % self.patch_size:
             raise ValueError(f"the latent grid is {self.input_size}x{self.input_size} (data.resolution / "
@@ -307,13 +317,14 @@ class JointBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) + Linear to the patch pixels, zero-initialised so a new model predicts 0."""
+    """adaLN (shift, scale) + Linear to each patch's outputs (velocity channels or code logits), zero-initialised
+    so a new model predicts 0 (flow) or uniform logits (masked)."""
 
-    def __init__(self, cfg: DiTModelConfig):
+    def __init__(self, cfg: DiTModelConfig, out_channels: int):
         super().__init__()
         self.norm = layer_norm(cfg.width)
         self.adaLN = AdaLN(cfg.width, 2)
-        self.linear = nn.Linear(cfg.width, cfg.patch_size ** 2 * cfg.in_channels)
+        self.linear = nn.Linear(cfg.width, cfg.patch_size ** 2 * out_channels)
 
     def forward(self, x, c):
         shift, scale = self.adaLN(c)
@@ -327,6 +338,10 @@ class DiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         w, p, grid = cfg.width, cfg.patch_size, cfg.input_size // cfg.patch_size
+        self.masked = cfg.objective == "masked"
+        if self.masked:  # code index (K = [MASK]) -> a vector of the codes' width, which the patch conv reads
+            self.token_embed = nn.Embedding(cfg.codebook_size + 1, cfg.in_channels)
+        self.out_channels = cfg.codebook_size if self.masked else cfg.in_channels
         self.patch_embed = nn.Conv2d(cfg.in_channels, w, kernel_size=p, stride=p)
         self.t_embed = mlp(256, w, w, nn.SiLU())
         self.pooled_embed = mlp(cfg.text_dim, w, w, nn.SiLU())
@@ -335,7 +350,7 @@ class DiT(nn.Module):
             self.blocks = nn.ModuleList(CrossBlock(cfg) for _ in range(cfg.depth))
         else:
             self.blocks = nn.ModuleList(JointBlock(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth))
-        self.final = FinalLayer(cfg)
+        self.final = FinalLayer(cfg, self.out_channels)
         self._no_split_modules = [type(self.blocks[0]).__name__]  # FSDP shards each block as a unit (accelerate)
         # Derived from the config, so not saved with the weights.
         if cfg.pos_embed == "sincos":
@@ -364,14 +379,26 @@ class DiT(nn.Module):
                 nn.init.zeros_(m.linear.bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
+        if self.masked:  # N(0, 1) like unit-variance latents until init_codes; [MASK] is the zero vector
+            nn.init.normal_(self.token_embed.weight)
+            nn.init.zeros_(self.token_embed.weight[-1])
+
+    @torch.no_grad()
+    def init_codes(self, codes: torch.Tensor) -> None:
+        """Masked: start the code embeddings at `codes` (K, in_channels), the normalised codebook vectors, so
+        the model reads at step 0 what flow reads: the codes' geometry, not K unrelated random vectors."""
+        self.token_embed.weight[:-1].copy_(codes)
 
     def forward(self, x, t, text, text_mask, pooled) -> torch.Tensor:
-        """x (B, C, H, W) noisy latents, t (B,) in [0, 1], text (B, L, text_dim), text_mask (B, L) bool
-        (True = real token), pooled (B, text_dim) -> velocity (B, C, H, W)."""
+        """x (B, C, H, W) noisy latents and t (B,) in [0, 1] (flow), or x (B, H, W) code indices with [MASK] = K
+        and t (B,) the mask ratio (masked); text (B, L, text_dim), text_mask (B, L) bool (True = real token),
+        pooled (B, text_dim) -> velocity (B, C, H, W) (flow) or logits (B, H, W, K) (masked)."""
         cfg = self.cfg
-        b, _, h, w = x.shape
+        b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
         if (h, w) != (cfg.input_size, cfg.input_size):
             raise ValueError(f"DiT built for {cfg.input_size}x{cfg.input_size} latents, got {h}x{w}")
+        if self.masked:
+            x = self.token_embed(x).permute(0, 3, 1, 2)  # (B, H, W) -> (B, C, H, W)
         # contiguous: the transposed conv output would otherwise set the memory layout of every residual-stream
         # op after it (TensorIterator keeps its operands' layout), and LayerNorm and Linear copy such input.
         img = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, W)
@@ -397,9 +424,12 @@ class DiT(nn.Module):
         return self.unpatchify(self.final(img, c))
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, p * p * C) -> (B, C, H, W)."""
-        p, ch, g = self.cfg.patch_size, self.cfg.in_channels, self.cfg.input_size // self.cfg.patch_size
+        """(B, N, p * p * C) -> (B, C, H, W) (flow), or (B, H, W, K) (masked: logits last, as cross-entropy
+        and sampling read them)."""
+        p, ch, g = self.cfg.patch_size, self.out_channels, self.cfg.input_size // self.cfg.patch_size
         x = x.view(x.shape[0], g, g, p, p, ch)
+        if self.masked:
+            return x.permute(0, 1, 3, 2, 4, 5).reshape(x.shape[0], g * p, g * p, ch)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], ch, g * p, g * p)
 
     def save_pretrained(self, directory: str | Path) -> None:

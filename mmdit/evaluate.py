@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     clip, fid = setup_scorers(args, state.device, cache_dir) if state.is_main_process else (None, None)
 
     start = time.perf_counter()
-    options = pipe.options(args.steps, args.guidance, args.seed, args.sampler)
+    options = pipe.options(args.steps, args.guidance, args.seed, args.sampler, temperature=args.temperature,
+                           randomness=args.randomness)
     parts = gather_object(generate(pipe, cs.captions, options, args.batch_size, state.process_index,
                                    state.num_processes))
     seconds = time.perf_counter() - start
@@ -281,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "holdout": cfg.data.holdout, "caption_set": cs.protocol, "num_samples": len(images), **asdict(options),
         "noise": "image i: torch.Generator().manual_seed(mmdit.pipeline.noise_seed(seed, i)), a blake2b hash",
         "text_encoder": pipe.text_encoder.resolved_id, "batch_size": args.batch_size,
-        "processes": state.num_processes, "dit_mode": pipe.dit.cfg.mode, "sampling_seconds": round(seconds, 1)}}
+        "processes": state.num_processes, "dit_mode": pipe.dit.cfg.mode,
+        "objective": pipe.dit.cfg.objective, "sampling_seconds": round(seconds, 1)}}
     if fid is not None:
         description = {"dataset": dataset_source(cfg.data), "split": args.split, "resolution": cfg.data.resolution,
                        "rows": cs.protocol["reference"]}

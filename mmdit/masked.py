@@ -43,8 +43,9 @@ def mask_tokens(tokens: torch.Tensor, mask_id: int, u: torch.Tensor, scores: tor
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
                 label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-sample cross-entropy (B,) over the masked positions only: logits (B, N, K), targets (B, N) long."""
-    ce = F.cross_entropy(logits.float().transpose(1, 2), targets.long(), reduction="none",
-                         label_smoothing=label_smoothing)  # (B, N)
+    # Classes last, rows flattened: F.cross_entropy over a (B, K, N) view is ~3x slower on CPU.
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.long().flatten(), reduction="none",
+                         label_smoothing=label_smoothing).view(targets.shape)  # (B, N)
     return (ce * masked).sum(1) / masked.sum(1).clamp(min=1)
 
 
@@ -69,7 +70,7 @@ def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codeb
     tokens = torch.full((b, n), mask_id, dtype=torch.long, device=device)
     masked = torch.ones(b, n, dtype=torch.bool, device=device)
     for i in range(steps):
-        # One (n, K + n) draw per image and step: Gumbel noise to sample tokens, then to perturb confidences.
+        # One (n, K + 1) draw per image and step: K for the Gumbel-max token sample, 1 for the confidence noise.
         draws = torch.stack([torch.rand(n, codebook_size + 1, generator=g) for g in generators]).to(device)
         logits = logits_fn(tokens, masked.float().mean(1)).float() / temperature  # (B, n, K)
         logp = logits.log_softmax(-1)

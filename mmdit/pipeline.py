@@ -1,13 +1,16 @@
-"""Text -> image: text encoder -> diffusion transformer + sampler -> VQ-VAE decoder.
+"""Text -> image: text encoder -> transformer + its objective's sampler -> VQ-VAE decoder.
 
     pipe = TextToImagePipeline.from_pretrained("runs/shapes")
     images = pipe(["a small blue square in the bottom right"], num_steps=25, guidance_scale=4.0, seed=0)
     images = pipe(["a small blue square in the bottom right"])  # the options the run was trained with
 
-Sampling options (steps, guidance, sampler, seed, snap_to_codes: mmdit/sampling.py) are saved with the run from its
-`sample:` config section; an argument given to a call overrides them for that call.
+Sampling options (steps, guidance, sampler, seed, snap_to_codes, temperature, randomness: mmdit/sampling.py) are
+saved with the run from its `sample:` config section; an argument given to a call overrides them for that call.
+`num_steps`, `guidance_scale` and `seed` mean the same for both objectives (dit.objective, in dit/model/config.json):
 
-What is diffused: the VQ-VAE's *quantized* latents (codebook vectors, (B, d, h, w)), normalised per channel
+- masked: MaskGIT decoding of the VQ-VAE's code indices (mmdit/masked.py), then the decoder; guidance mixes
+  the conditional and unconditional logits.
+- flow: what is diffused: the VQ-VAE's *quantized* latents (codebook vectors, (B, d, h, w)), normalised per channel
 with the train-set mean and std stored in `pipeline.json`. Continuous latents keep rectified flow simple
 and the codebook's geometry gives the model a smooth target; after sampling, each latent vector is
 optionally snapped to its nearest code (`snap_to_codes`, default on), which puts the decoder back on the
@@ -34,10 +37,11 @@ from PIL import Image
 
 from mmdit.checks import check_guidance, check_int, check_number, check_seed, check_steps
 from mmdit.dit import DiT
-from mmdit.flow import cfg_combine, sample
+from mmdit import flow, masked
+from mmdit.flow import cfg_combine
 from mmdit.latents import LatentNorm
 from mmdit.pixels import to_pil
-from mmdit.sampling import SAMPLERS, SampleOptions
+from mmdit.sampling import ALL_SAMPLERS, SampleOptions, check_randomness, check_temperature
 from mmdit.text_encoder import TextEmbeddings, TextEncoder, conditioning
 from mmdit.vqvae import VQVAE
 from mmdit.weights import ExportError, atomic_write, load_dataclass
@@ -136,6 +140,9 @@ class TextToImagePipeline:
             raise ExportError(f"{path}: {len(info.latent_mean)} latent channels, but the DiT takes "
                               f"{dit.cfg.in_channels} and the VQ-VAE makes {vqvae.cfg.code_dim}; accepted: the "
                               "files of one export (export the run again)")
+        if dit.cfg.objective == "masked" and dit.cfg.codebook_size != vqvae.cfg.codebook_size:
+            raise ExportError(f"{run_dir}: the DiT predicts {dit.cfg.codebook_size} codes, the VQ-VAE has "
+                              f"{vqvae.cfg.codebook_size}; accepted: the files of one export (export the run again)")
         return cls(dit, vqvae, info)
 
     def save_pretrained(self, run_dir: str | Path) -> None:
@@ -156,15 +163,13 @@ class TextToImagePipeline:
     def generate(self, text: TextEmbeddings, null: TextEmbeddings, options: SampleOptions | None = None,
                  first_index: int = 0) -> torch.Tensor:
         """Embedded prompts (B, L, D) + the empty-prompt embedding (1, L, D) -> images (B, 3, H, W) in [-1, 1],
-        sampled as `options` say (None = the run's). Image i's noise depends only on (options.seed,
+        sampled as `options` say (None = the run's). Image i's random draws depend only on (options.seed,
         first_index + i): a prompt's picture does not depend on how the prompts are batched or sharded."""
-        options = options or self.info.sample
-        device = next(self.dit.parameters()).device
         cfg = self.dit.cfg
-        b = len(text.hidden)
-        noise = torch.stack([torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size,
-                                         generator=torch.Generator().manual_seed(noise_seed(options.seed, first_index + i)))
-                             for i in range(b)])
+        options = (options or self.info.sample).for_objective(cfg.objective)
+        device = next(self.dit.parameters()).device
+        b, h = len(text.hidden), cfg.input_size
+        generators = [torch.Generator().manual_seed(noise_seed(options.seed, first_index + i)) for i in range(b)]
         text, null = conditioning(text), conditioning(null)  # what it trained on, from the cache or the encoder
         guide = options.guidance != 1.0
         # Conditional and unconditional predictions in one batch of 2B.
@@ -173,40 +178,53 @@ class TextToImagePipeline:
         pooled = torch.cat([text.pooled, null.pooled.expand(b, -1)]) if guide else text.pooled
         hidden, mask, pooled = hidden.to(device), mask.to(device), pooled.to(device)
 
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # the velocity or the logits, guided
             if not guide:
                 return self.dit(x, t, hidden, mask, pooled)
-            v_cond, v_uncond = self.dit(torch.cat([x, x]), torch.cat([t, t]), hidden, mask, pooled).chunk(2)
-            return cfg_combine(v_cond, v_uncond, options.guidance)
+            cond, uncond = self.dit(torch.cat([x, x]), torch.cat([t, t]), hidden, mask, pooled).chunk(2)
+            return cfg_combine(cond, uncond, options.guidance)
 
-        x = sample(velocity, noise.to(device), steps=options.steps, sampler=options.sampler)
+        if cfg.objective == "masked":
+            codes = masked.sample(lambda tokens, ratio: predict(tokens.view(-1, h, h), ratio).flatten(1, 2),
+                                  generators, h * h, cfg.codebook_size, device, options.steps, options.temperature,
+                                  options.randomness)  # (B, h * h)
+            return self.vqvae.decode_indices(codes.view(b, h, h)).clamp(-1, 1)
+        noise = torch.stack([torch.randn(cfg.in_channels, h, h, generator=g) for g in generators])
+        x = flow.sample(predict, noise.to(device), steps=options.steps, sampler=options.sampler)
         latents = self.norm.denormalise(x)
         if options.snap_to_codes:
             latents = self.vqvae.quantize(latents)
         return self.vqvae.decode(latents).clamp(-1, 1)
 
     def options(self, num_steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
-                sampler: str | None = None, snap_to_codes: bool | None = None) -> SampleOptions:
-        """The run's sampling options with the arguments that are not None instead; each checked by its name."""
+                sampler: str | None = None, snap_to_codes: bool | None = None, temperature: float | None = None,
+                randomness: float | None = None) -> SampleOptions:
+        """The run's sampling options with the arguments that are not None instead, each checked by its name, and
+        the objective's defaults where neither gives one."""
         for name, value, check in (("num_steps", num_steps, check_steps), ("seed", seed, check_seed),
-                                   ("guidance_scale", guidance_scale, check_guidance)):  # inf gives black images
+                                   ("guidance_scale", guidance_scale, check_guidance),  # inf gives black images
+                                   ("temperature", temperature, check_temperature),
+                                   ("randomness", randomness, check_randomness)):
             if value is not None:
                 check(name, value)
-        if sampler is not None and sampler not in SAMPLERS:
-            raise ValueError(f"sampler={sampler!r}; accepted: {', '.join(SAMPLERS)}")
+        if sampler is not None and sampler not in ALL_SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}; accepted: {', '.join(ALL_SAMPLERS)}")
         if snap_to_codes is not None and not isinstance(snap_to_codes, bool):
             raise ValueError(f"snap_to_codes={snap_to_codes!r}; accepted: True, False or None (the run's)")
         return self.info.sample.override(steps=num_steps, guidance=guidance_scale, seed=seed, sampler=sampler,
-                                         snap_to_codes=snap_to_codes)
+                                         snap_to_codes=snap_to_codes, temperature=temperature,
+                                         randomness=randomness).for_objective(self.dit.cfg.objective)
 
     def __call__(self, prompts: list[str], num_steps: int | None = None, guidance_scale: float | None = None,
                  seed: int | None = None, sampler: str | None = None, batch_size: int = 64,
-                 snap_to_codes: bool | None = None) -> list[Image.Image]:
+                 snap_to_codes: bool | None = None, temperature: float | None = None,
+                 randomness: float | None = None) -> list[Image.Image]:
         """Prompts -> PIL images. An argument left at None takes the run's saved sampling options
         (`pipe.info.sample`: the `sample:` section it trained with)."""
         prompts = check_prompts(prompts)
         check_int("batch_size", batch_size)
-        options = self.options(num_steps, guidance_scale, seed, sampler, snap_to_codes)  # before the encoder loads
+        options = self.options(num_steps, guidance_scale, seed, sampler, snap_to_codes, temperature,
+                               randomness)  # before the encoder loads
         null = self.text_encoder([""])
         images = []
         for start in range(0, len(prompts), batch_size):

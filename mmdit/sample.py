@@ -46,10 +46,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     pipe = TextToImagePipeline.from_pretrained(args.model)
     n = args.num_images
-    options = pipe.options(args.steps, args.guidance, args.seed, args.sampler, False if args.no_snap else None)
-    print(f"sampling: {options}")
-    images = pipe([p for p in args.prompt for _ in range(n)], num_steps=options.steps, guidance_scale=options.guidance,
-                  seed=options.seed, sampler=options.sampler, snap_to_codes=options.snap_to_codes)
+    chosen = dict(num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, sampler=args.sampler,
+                  snap_to_codes=False if args.no_snap else None, temperature=args.temperature,
+                  randomness=args.randomness)  # None = the run's
+    print(f"sampling: {pipe.options(**chosen)}")
+    images = pipe([p for p in args.prompt for _ in range(n)], **chosen)
     rows = [images[i * n:(i + 1) * n] for i in range(len(args.prompt))]
     labels = [p if p else "(unconditional)" for p in args.prompt]
     path = save_grid(rows, out, scale=args.scale, labels=labels)

@@ -66,3 +66,18 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     main(tiny_args(root))
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_masked_run(tiny_run, tmp_path_factory):
+    """tiny_run's data, caption cache and VQ-VAE, with a DiT trained by the masked objective instead."""
+    import shutil
+
+    from train.train import main
+
+    root = tmp_path_factory.mktemp("tiny-masked")
+    shutil.copytree(tiny_run.parent, root, dirs_exist_ok=True)
+    shutil.rmtree(root / "run" / "dit")
+    (root / "run" / "pipeline.json").unlink()
+    main(tiny_args(root, "train.stage=dit", "dit.objective=masked"))
+    return root / "run"

@@ -68,7 +68,7 @@ TRAIN_CASES = [
     (["dit.depth=0"], "dit.depth=0; accepted: an integer >= 1"),
     (["vqvae.channel_mult=[]"], "vqvae.channel_mult=[]; accepted: a non-empty list of integers >= 1"),
     (["data.name="], "data.name='': empty; accepted: shapes, a Hugging Face dataset name or a local dataset directory"),
-    (["sample.sampler=ddim"], "sample.sampler='ddim'; accepted: euler, heun"),
+    (["sample.sampler=ddim"], "sample.sampler='ddim'; accepted: euler, heun, maskgit"),
     (["data.resolution=30"], "data.resolution=30 is not divisible by the VQ-VAE downsampling 4 x the DiT patch "
                              "size 1 = 4; accepted: multiples of 4"),
     (["dit.patch_size=2", "data.resolution=36"], "the DiT patch size 2 = 8; accepted: multiples of 8"),

@@ -140,13 +140,15 @@ def test_sizes_the_data_fix_are_not_keys_and_any_dividing_patch_size_is_accepted
     # 48 px at f4 is a 12x12 latent grid: patch 3 divides it (a DiTConfig that held a default input_size of 8
     # refused this, naming a key the user never set).
     cfg = load_config("configs/shapes.yaml", ["data.resolution=48", "dit.patch_size=3"])
-    built = cfg.dit.for_data(in_channels=cfg.vqvae.code_dim, input_size=48 // cfg.vqvae.downsample, text_dim=384)
+    built = cfg.dit.for_data(in_channels=cfg.vqvae.code_dim, input_size=48 // cfg.vqvae.downsample, text_dim=384,
+                             codebook_size=cfg.vqvae.codebook_size)
     assert (built.input_size, built.patch_size, built.width) == (12, 3, cfg.dit.width)
-    for key in ("in_channels", "input_size", "text_dim"):
+    for key in ("in_channels", "input_size", "text_dim", "codebook_size"):
         with pytest.raises(ConfigError, match=f"unknown key 'dit.{key}'"):
             load_config(None, [f"dit.{key}=8"])
     with pytest.raises(ValueError, match=r"latent grid is 12x12 .* not divisible by dit.patch_size=5"):
-        load_config(None, ["dit.patch_size=5"]).dit.for_data(in_channels=8, input_size=12, text_dim=384)
+        load_config(None, ["dit.patch_size=5"]).dit.for_data(in_channels=8, input_size=12, text_dim=384,
+                                                                    codebook_size=64)
 
 
 def test_sample_section_is_the_sampling_options():
@@ -155,5 +157,5 @@ def test_sample_section_is_the_sampling_options():
     cfg = load_config(None, ["sample.steps=7", "sample.sampler=heun"])
     assert cfg.sample == SampleOptions(steps=7, sampler="heun")
     assert cfg.sample.override(steps=None, seed=3) == SampleOptions(steps=7, sampler="heun", seed=3)
-    with pytest.raises(ConfigError, match=r"sample.sampler='rk4'; accepted: euler, heun"):
+    with pytest.raises(ConfigError, match=r"sample.sampler='rk4'; accepted: euler, heun, maskgit"):
         load_config(None, ["sample.sampler=rk4"])

@@ -271,3 +271,52 @@ def test_overfits_four_pairs_through_the_text_tokens(mode):
         loss.backward()
         opt.step()
     assert loss.item() < 0.02, loss.item()
+
+
+# --- the masked objective: code indices in, logits out, on the same backbone -------------------------------
+
+def masked_inputs(cfg: DiTModelConfig, batch: int = 2, seed: int = 0):
+    """inputs() with code indices (some [MASK] = K) in place of latents and a mask ratio in place of t."""
+    _, t, text, mask, pooled = inputs(cfg, batch, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, cfg.codebook_size + 1, (batch, cfg.input_size, cfg.input_size), generator=g)
+    return codes, t, text, mask, pooled
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_masked_model_maps_codes_to_logits_and_starts_uniform(mode, patch_size):
+    model = built(mode=mode, patch_size=patch_size, objective="masked", codebook_size=10)
+    args = masked_inputs(model.cfg, batch=3)
+    assert torch.equal(model(*args), torch.zeros(3, 4, 4, 10))  # zero final layer: uniform over the codes
+    out = randomise(model)(*args)
+    assert out.shape == (3, 4, 4, 10) and torch.isfinite(out).all()
+    # Each output position reads its own code: changing one code changes the logits there.
+    codes = args[0].clone()
+    codes[0, 1, 2] = (codes[0, 1, 2] + 1) % 11
+    assert not torch.equal(model(codes, *args[1:])[0, 1, 2], out[0, 1, 2])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_masked_padding_is_invisible_and_save_load_round_trips(tmp_path, mode):
+    model = randomise(built(mode=mode, objective="masked", codebook_size=10)).eval()
+    codes, t, text, mask, pooled = masked_inputs(model.cfg)
+    padded_text = torch.cat([text, torch.randn(2, 3, text.shape[-1])], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], dim=1)
+    out = model(codes, t, text, mask, pooled)
+    torch.testing.assert_close(model(codes, t, padded_text, padded_mask, pooled), out,
+                               atol=tolerance(1e-5, 2e-2), rtol=tolerance(1e-5, 2e-2))
+    model.save_pretrained(tmp_path)
+    loaded = DiT.from_pretrained(tmp_path)
+    assert loaded.cfg == model.cfg and loaded.cfg.objective == "masked"
+    assert torch.equal(loaded(codes, t, text, mask, pooled), out)
+
+
+def test_masked_code_embeddings_start_at_the_codebook_and_mask_at_zero():
+    model = built(objective="masked", codebook_size=10)
+    assert torch.equal(model.token_embed.weight[10], torch.zeros(4))
+    codes = torch.randn(10, 4)
+    model.init_codes(codes)
+    assert torch.equal(model.token_embed.weight[:10], codes) and torch.equal(model.token_embed.weight[10], torch.zeros(4))
+    with pytest.raises(ValueError, match=r"dit.objective='mask'; accepted: flow, masked"):
+        tiny_cfg(objective="mask")

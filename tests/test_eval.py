@@ -59,6 +59,17 @@ def test_eval_report_all_metrics(tiny_run, clip_dir, tmp_path, single_thread):
     assert again["fid"]["samples_vs_reference"] == pytest.approx(report["fid"]["samples_vs_reference"], rel=1e-9)
 
 
+def test_eval_of_a_masked_run_records_its_objective_and_default_steps(tiny_masked_run, tmp_path, single_thread):
+    report = eval_main(["--model", str(tiny_masked_run), "--metrics", "composition", "--num-samples", "4",
+                        "--batch-size", "4", "--temperature", "0.5", "--out", str(tmp_path / "m")])
+    p = report["protocol"]
+    assert (p["objective"], p["sampler"], p["steps"], p["temperature"]) == ("masked", "maskgit", 2, 0.5)
+    assert report["composition"]["all_captions"]["n"] == 4
+    with pytest.raises(ValueError, match=r"sampler='heun' does not sample a masked run; accepted: maskgit"):
+        eval_main(["--model", str(tiny_masked_run), "--metrics", "composition", "--sampler", "heun",
+                   "--out", str(tmp_path / "x")])
+
+
 def test_held_out_combinations_get_an_equal_share():
     flags = [i % 6 == 0 for i in range(60)]  # 10 held-out rows of 60
     rows = select_rows(flags, 12)

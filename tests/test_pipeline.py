@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mmdit import TextToImagePipeline
+from mmdit import TextToImagePipeline, masked
 from mmdit.pipeline import noise_seed
 from mmdit.sample import main as sample_main
 from mmdit.sampling import SampleOptions
-from mmdit.text_encoder import CaptionCache
+from mmdit.text_encoder import CaptionCache, conditioning
 from train.train import main as train_main
 
 from conftest import tiny_args
@@ -108,8 +108,9 @@ def test_the_runs_sampling_options_are_the_defaults_and_arguments_override_them(
     shutil.copytree(tiny_run, run)
     (run / "pipeline.json").write_text(json.dumps({**saved, "sample": {**saved["sample"], "steps": 3, "seed": 5}}))
     pipe = TextToImagePipeline.from_pretrained(run)
-    assert pipe.options() == replace(pipe.info.sample, steps=3, seed=5)
-    assert pipe.options(num_steps=1, seed=0) == replace(pipe.info.sample, steps=1, seed=0)
+    assert pipe.info.sample.guidance is None and pipe.info.sample.sampler is None  # unset: the objective's defaults
+    assert pipe.options() == replace(pipe.info.sample, steps=3, seed=5, guidance=4.0, sampler="euler")
+    assert pipe.options(num_steps=1, seed=0) == replace(pipe.options(), steps=1, seed=0)
     calls = []
     pipe.dit.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
     first = pipe(["a red circle"])
@@ -141,3 +142,77 @@ def test_dit_stage_resumes(tiny_run, tmp_path, caplog):
         train_main(tiny_args(tmp_path / "copy", "train.stage=dit", "dit_train.steps=15"))
     assert "dit: resumed from step 10" in caplog.text
     assert (tmp_path / "copy" / "run" / "dit" / "checkpoints" / "step-00000015").is_dir()
+
+
+# --- the masked objective: the same pipeline, sample CLI and export -------------------------------------
+
+@pytest.fixture(scope="module")
+def masked_pipe(tiny_masked_run):
+    return TextToImagePipeline.from_pretrained(tiny_masked_run)
+
+
+def test_a_masked_run_exports_and_loads_as_the_same_pipeline(masked_pipe, tiny_masked_run):
+    config = json.loads((tiny_masked_run / "dit" / "model" / "config.json").read_text())
+    assert config["objective"] == "masked" and config["codebook_size"] == masked_pipe.vqvae.cfg.codebook_size == 32
+    assert (tiny_masked_run / "samples.png").is_file() and list((tiny_masked_run / "dit").glob("samples-*.png"))
+    assert masked_pipe.options() == SampleOptions(steps=2, guidance=2.0, sampler="maskgit")  # tiny_args: steps=2
+    assert TextToImagePipeline.from_pretrained(tiny_masked_run).options(num_steps=None).steps == 2
+
+
+def test_masked_sampling_is_deterministic_by_seed_and_batch_independent(masked_pipe):
+    prompts = ["a red circle", "a small blue square in the bottom right", ""]
+    a = masked_pipe(prompts, num_steps=4, guidance_scale=2.0, seed=1)
+    b = masked_pipe(prompts, num_steps=4, guidance_scale=2.0, seed=1, batch_size=2)
+    c = masked_pipe(prompts, num_steps=4, guidance_scale=2.0, seed=2)
+    assert all(im.size == (32, 32) for im in a)
+    assert [im.tobytes() for im in a] == [im.tobytes() for im in b]
+    assert [im.tobytes() for im in a] != [im.tobytes() for im in c]
+
+
+@pytest.mark.parametrize("guidance,batch", [(3.0, 4), (1.0, 2)])
+def test_masked_sampling_makes_t_calls_of_one_batch_and_guidance_1_is_the_conditional_model(
+        masked_pipe, monkeypatch, guidance, batch):
+    prompts = ["a red circle", "a small blue square in the bottom right"]
+    embedded = masked_pipe.text_encoder(prompts), masked_pipe.text_encoder([""])
+    calls, forward = [], masked_pipe.dit.forward
+    monkeypatch.setattr(masked_pipe.dit, "forward", lambda x, *rest: calls.append(x.clone()) or forward(x, *rest))
+    images = masked_pipe.generate(*embedded, masked_pipe.options(num_steps=5, guidance_scale=guidance))
+    assert [len(x) for x in calls] == [batch] * 5  # with guidance: conditional and unconditional in one batch
+    assert (calls[0] == 32).all()  # the first call sees nothing but [MASK]
+    assert all(((a != 32) <= (b == a)).all() for a, b in zip(calls, calls[1:]))  # decided tokens stay
+    if guidance == 1.0:  # exactly MaskGIT decoding of the conditional model, image i drawing from (seed, i)
+        text, h = conditioning(embedded[0]), 8
+        generators = [torch.Generator().manual_seed(noise_seed(0, i)) for i in range(2)]
+        codes = masked.sample(lambda tokens, ratio: forward(tokens.view(-1, h, h), ratio, text.hidden, text.mask,
+                                                            text.pooled).flatten(1, 2), generators, h * h, 32, "cpu", 5)
+        assert torch.equal(images, masked_pipe.vqvae.decode_indices(codes.view(2, h, h)).clamp(-1, 1))
+
+
+def test_masked_run_refuses_flow_options(masked_pipe, tiny_masked_run, tmp_path):
+    with pytest.raises(ValueError, match=r"sampler='euler' does not sample a masked run; accepted: maskgit"):
+        masked_pipe(["a red circle"], sampler="euler")
+    with pytest.raises(ValueError, match=r"temperature=0; accepted: a finite number > 0"):
+        masked_pipe(["a red circle"], temperature=0)
+    with pytest.raises(ValueError, match=r"num_steps=0; accepted: an integer from 1 to 1000"):
+        masked_pipe(["a red circle"], num_steps=0)
+    out = sample_main(["--model", str(tiny_masked_run), "--prompt", "a red circle", "--num-images", "2",
+                       "--temperature", "0.5", "--out", str(tmp_path / "grid.png")])
+    assert Image.open(out).width > 2 * 32
+
+
+def test_masked_training_killed_and_resumed_is_bitwise_equal(tiny_masked_run, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, steps in (("straight", [10]), ("resumed", [5, 10])):
+        root = tmp_path / name
+        shutil.copytree(tiny_masked_run.parent, root)
+        shutil.rmtree(root / "run" / "dit")
+        for n in steps:  # (caplog: the second run really resumed.) A constant schedule: the learning rate of a step does not depend on dit_train.steps
+            with caplog.at_level("INFO"):
+                train_main(tiny_args(root, "train.stage=dit", "dit.objective=masked", f"dit_train.steps={n}",
+                                     "dit_train.schedule=constant", "dit_train.image_every=100"))
+        runs[name] = load_file(str(root / "run" / "dit" / "model" / "model.safetensors"))
+    assert caplog.text.count("dit: resumed from step 5") == 1
+    assert runs["straight"].keys() == runs["resumed"].keys()
+    assert all(torch.equal(runs["straight"][k], runs["resumed"][k]) for k in runs["straight"])
