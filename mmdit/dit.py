@@ -341,7 +341,10 @@ class DiT(nn.Module):
         self.masked = cfg.objective == "masked"
         if self.masked:  # code index (K = [MASK]) -> a vector of the codes' width, which the patch conv reads
             self.token_embed = nn.Embedding(cfg.codebook_size + 1, cfg.in_channels)
-        self.out_channels = cfg.codebook_size if self.masked else cfg.in_channels
+            # Logits score each code through its vector (a code's logit is <feature, code_head(vector)>), not
+            # through a free row per code: codes never seen in a context (a yellow triangle's edges) share the
+            # scores of codes near them, which is what lets held-out combinations compose.
+            self.code_head = mlp(cfg.in_channels, w, w, nn.GELU(approximate="tanh"))
         self.patch_embed = nn.Conv2d(cfg.in_channels, w, kernel_size=p, stride=p)
         self.t_embed = mlp(256, w, w, nn.SiLU())
         self.pooled_embed = mlp(cfg.text_dim, w, w, nn.SiLU())
@@ -350,7 +353,7 @@ class DiT(nn.Module):
             self.blocks = nn.ModuleList(CrossBlock(cfg) for _ in range(cfg.depth))
         else:
             self.blocks = nn.ModuleList(JointBlock(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth))
-        self.final = FinalLayer(cfg, self.out_channels)
+        self.final = FinalLayer(cfg, w if self.masked else cfg.in_channels)
         self._no_split_modules = [type(self.blocks[0]).__name__]  # FSDP shards each block as a unit (accelerate)
         # Derived from the config, so not saved with the weights.
         if cfg.pos_embed == "sincos":
@@ -389,10 +392,12 @@ class DiT(nn.Module):
         the model reads at step 0 what flow reads: the codes' geometry, not K unrelated random vectors."""
         self.token_embed.weight[:-1].copy_(codes)
 
-    def forward(self, x, t, text, text_mask, pooled) -> torch.Tensor:
+    def forward(self, x, t, text, text_mask, pooled, where: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W) noisy latents and t (B,) in [0, 1] (flow), or x (B, H, W) code indices with [MASK] = K
         and t (B,) the mask ratio (masked); text (B, L, text_dim), text_mask (B, L) bool (True = real token),
-        pooled (B, text_dim) -> velocity (B, C, H, W) (flow) or logits (B, H, W, K) (masked)."""
+        pooled (B, text_dim) -> velocity (B, C, H, W) (flow) or logits (B, H, W, K) (masked). Masked, `where`
+        (B, H, W) bool: the logits (M, K) of those M positions alone, as `logits[where]` but without computing
+        the others (the loss reads only the masked ones; K logits a code are most of a large codebook's cost)."""
         cfg = self.cfg
         b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
         if (h, w) != (cfg.input_size, cfg.input_size):
@@ -421,13 +426,18 @@ class DiT(nn.Module):
                 img, text = checkpoint(block, img, text, c, mask, rope, use_reentrant=False)
             else:
                 img, text = block(img, text, c, mask, rope)
-        return self.unpatchify(self.final(img, c))
+        out = self.unpatchify(self.final(img, c))  # (B, C, H, W) (flow) or (B, H, W, W) features (masked)
+        if not self.masked:
+            return out
+        out = out if where is None else out[where]  # (B, H, W, W) or (M, W)
+        return out @ self.code_head(self.token_embed.weight[:-1]).T.to(out.dtype)  # (..., K)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, p * p * C) -> (B, C, H, W) (flow), or (B, H, W, K) (masked: logits last, as cross-entropy
-        and sampling read them)."""
-        p, ch, g = self.cfg.patch_size, self.out_channels, self.cfg.input_size // self.cfg.patch_size
-        x = x.view(x.shape[0], g, g, p, p, ch)
+        """(B, N, p * p * C) -> (B, C, H, W) (flow), or (B, H, W, C) (masked: each code's features last, as
+        its logits are then read)."""
+        p, g = self.cfg.patch_size, self.cfg.input_size // self.cfg.patch_size
+        x = x.view(x.shape[0], g, g, p, p, -1)
+        ch = x.shape[-1]
         if self.masked:
             return x.permute(0, 1, 3, 2, 4, 5).reshape(x.shape[0], g * p, g * p, ch)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], ch, g * p, g * p)

@@ -45,7 +45,7 @@ from mmdit.cli import ArgumentParser, add_sampling_args, check_sampling_args, ch
 from mmdit.clip import CLIPLoadError, load_clip
 from mmdit.config import ConfigError, load_config
 from mmdit.data.loader import DataError, ImageCaptions, dataset_source
-from mmdit.data.shapes import ATTRIBUTES, judge_accuracy
+from mmdit.data.shapes import ATTRIBUTES, judge_accuracy, matches_holdout, parse_holdout
 from mmdit.grid import save_grid
 from mmdit.metrics import (FID, MetricError, clip_cosines, clip_extractor, clip_score, inception_extractor,
                            reconstruct, retrieval_top1)
@@ -195,21 +195,27 @@ def merge(parts: list) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # Scoring (main process only).
 
-def groups(truth: list[dict] | None, n: int) -> dict[str, list[int]]:
-    """Index lists: all captions, and seen / held-out combinations when the captions are flagged."""
+def groups(truth: list[dict] | None, n: int, holdout: list[str] = ()) -> dict[str, list[int]]:
+    """Index lists: all captions, seen / held-out combinations when the captions are flagged, and each held-out
+    combination of `holdout` (the dataset's phrases, e.g. "yellow triangle") alone, as "held_out: <phrase>"."""
     out = {"all_captions": list(range(n))}
     if truth and any("holdout" in t for t in truth):
         for name, flag in (("seen", False), ("held_out", True)):
             keep = [i for i, t in enumerate(truth) if bool(t.get("holdout", False)) == flag]
             if keep:
                 out[name] = keep
+        for phrase in holdout:
+            combo = [parse_holdout(phrase)]
+            keep = [i for i, t in enumerate(truth) if t.get("holdout") and matches_holdout(t, combo)]
+            if keep:
+                out[f"held_out: {phrase}"] = keep
     return out
 
 
-def composition(images: torch.Tensor, truth: list[dict]) -> dict:
+def composition(images: torch.Tensor, truth: list[dict], holdout: list[str] = ()) -> dict:
     arrays = images.permute(0, 2, 3, 1).numpy()
     report = {}
-    for name, keep in groups(truth, len(truth)).items():
+    for name, keep in groups(truth, len(truth), holdout).items():
         report[name] = {"n": len(keep), **judge_accuracy([arrays[i] for i in keep], [truth[i] for i in keep])}
     return report
 
@@ -293,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if "clip" in args.metrics:
         report["clip"] = clip_report(clip, images, cs)
     if "composition" in args.metrics:
-        report["composition"] = (composition(images, cs.truth) if cs.truth is not None
+        report["composition"] = (composition(images, cs.truth, cfg.data.holdout) if cs.truth is not None
                                  else {"skipped": "the captions carry no shape attributes"})
     if "recon" in args.metrics:
         recon, psnr_db = reconstruct(pipe.vqvae, cs.reference)

@@ -39,7 +39,8 @@ class SampleOptions:
     sampler: str | None = None  # flow: "euler" (default) | "heun" (two model calls a step); masked: "maskgit"
     seed: int = 0  # image i's noise is seeded by (seed, i) alone (mmdit.pipeline.noise_seed)
     snap_to_codes: bool = True  # flow: snap sampled latents to the nearest VQ code before decoding
-    temperature: float = 1.0  # masked: tokens are drawn from softmax(logits / temperature)
+    temperature: float = 0.7  # masked: tokens are drawn from softmax(logits / temperature); below 1 trades
+    # variety for cleaner shapes and fewer stray codes (docs/models.md has the sweep)
     randomness: float = 4.5  # masked: Gumbel noise on the confidences (MaskGIT's 4.5), annealed to 0
 
     def __post_init__(self):  # names as in the config file; the CLIs and the pipeline check their own names first

@@ -2,7 +2,7 @@
 
 Encoder and decoder are the usual convolutional stacks (residual blocks with GroupNorm + SiLU, stride-2
 downsampling, optional self-attention at the lowest resolution). Between them a vector quantizer snaps each
-latent vector to the nearest of K codes:
+latent vector to the nearest of K codes, or rounds it on a fixed grid (FSQ, below):
 - distances are computed in fp32 even under bf16 autocast (bf16 argmin picks wrong codes);
 - the codebook is learned by exponential moving averages of the vectors assigned to each code (no codebook
   loss, no optimizer state), with an optional l2-normalised / cosine variant (ViT-VQGAN, LlamaGen);
@@ -12,10 +12,15 @@ latent vector to the nearest of K codes:
   EMA decay and the dead-code count mean the same with gradient accumulation), and skips it when the step
   is skipped or any encoder output was not finite (one NaN would otherwise poison the codebook for good);
 - gradients pass the quantizer by the straight-through estimator, with a commitment loss (weight beta).
+With `fsq_levels` the quantizer is finite scalar quantization (Mentzer et al. 2023): channel i is bounded and
+rounded to one of fsq_levels[i] values, the codebook is the grid of their combinations (nothing learned, no
+dead codes), and nearby codes differ in one channel by one step: a codebook with structure, for the masked
+objective to predict.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
 import torch
@@ -40,6 +45,8 @@ class VQVAEConfig:
     ema_decay: float = 0.99
     l2_normalize: bool = False  # cosine lookup on the unit sphere
     dead_code_steps: int = 100  # re-seed a code unused for this many training steps (0 = never)
+    fsq_levels: list[int] = field(default_factory=list)  # [] = the learned codebook; else FSQ with these levels
+    # per channel, e.g. [8, 5, 5, 5]: then code_dim is their count and codebook_size their product
 
     @property
     def downsample(self) -> int:
@@ -56,6 +63,14 @@ class VQVAEConfig:
         if not (isinstance(mult, (list, tuple)) and mult and all(type(m) is int and m >= 1 for m in mult)):
             raise ValueError(f"vqvae.channel_mult={mult!r}; accepted: a non-empty list of integers >= 1, one per "
                              "resolution, e.g. [1, 2, 2]")
+        levels = self.fsq_levels
+        if not (isinstance(levels, (list, tuple)) and all(type(v) is int and v >= 2 for v in levels)):
+            raise ValueError(f"vqvae.fsq_levels={levels!r}; accepted: [] (a learned codebook) or a list of "
+                             "integers >= 2, one per latent channel, e.g. [8, 5, 5, 5]")
+        if levels and (self.code_dim, self.codebook_size) != (len(levels), prod(levels)):
+            raise ValueError(f"vqvae.fsq_levels={list(levels)} makes {prod(levels)} codes of {len(levels)} "
+                             f"channels, but vqvae.codebook_size={self.codebook_size}, vqvae.code_dim="
+                             f"{self.code_dim}; accepted: codebook_size={prod(levels)} code_dim={len(levels)}")
         if self.downsample not in (1, 2, 4, 8, 16):
             raise ValueError(f"vqvae: patch_size {self.patch_size} x 2**(len(channel_mult) - 1) gives a "
                              f"downsampling factor of {self.downsample}; accepted: 1, 2, 4, 8, 16")
@@ -190,6 +205,10 @@ class VectorQuantizer(nn.Module):
         quantized = quantized.view(b, h, w, d).permute(0, 3, 1, 2)
         return quantized, indices.view(b, h, w), loss, code_stats(counts)
 
+    def snap(self, latents: torch.Tensor) -> torch.Tensor:
+        """Any latents (B, d, h, w) -> their nearest codes."""
+        return self(latents)[0]
+
     @torch.no_grad()
     def update(self, skip: bool | torch.Tensor = False) -> bool:
         """Apply the optimizer step's assignments to the codebook (EMA, then dead-code restart), on every process
@@ -236,6 +255,58 @@ class VectorQuantizer(nn.Module):
         return len(dead)
 
 
+class FiniteScalarQuantizer(nn.Module):
+    """FSQ: each channel squashed by tanh into fsq_levels[i] steps and rounded (straight-through), scaled to
+    [-1, 1]; code index = the mixed-radix number of the channels' steps. No state, no loss, no update."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        levels = torch.tensor(cfg.fsq_levels, dtype=torch.float32)
+        self.register_buffer("levels", levels, persistent=False)  # (d,)
+        self.register_buffer("radix", torch.cumprod(torch.cat([torch.ones(1), levels[:-1]]), 0), persistent=False)
+        # An even count of levels has no middle one: shift by half a step so rounding gives exactly L values.
+        self.register_buffer("offset", (1 - levels % 2) / 2, persistent=False)
+        self.register_buffer("half_span", (levels - 1) / 2, persistent=False)
+
+    def steps(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (N, d) the rounded step of each channel, in 0 .. L-1, differentiable straight through."""
+        bounded = torch.tanh(flat + torch.atanh(self.offset / self.half_span)) * self.half_span - self.offset
+        return bounded + (bounded.round() - bounded).detach() + (self.levels // 2)
+
+    def scale(self, steps: torch.Tensor) -> torch.Tensor:
+        return (steps - self.levels // 2) / (self.levels // 2)
+
+    def codes(self) -> torch.Tensor:
+        """(K, d): every code, in index order."""
+        index = torch.arange(self.cfg.codebook_size, device=self.levels.device)[:, None]
+        return self.scale(torch.div(index, self.radix, rounding_mode="floor") % self.levels)
+
+    def embed(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) indices -> (B, d, h, w) quantized latents."""
+        return self.codes()[indices].permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """As VectorQuantizer.forward; the loss is 0 (nothing to commit to)."""
+        b, d, h, w = z.shape
+        with torch.autocast(z.device.type, enabled=False):
+            steps = self.steps(z.float().permute(0, 2, 3, 1).reshape(-1, d))  # (N, d)
+            indices = (steps.detach().round() * self.radix).sum(1).long()
+            counts = torch.bincount(indices, minlength=self.cfg.codebook_size).float()
+            quantized = self.scale(steps).view(b, h, w, d).permute(0, 3, 1, 2)
+        return quantized, indices.view(b, h, w), z.new_zeros(()).float(), code_stats(counts)
+
+    def snap(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in the codes' space (B, d, h, w) (not encoder outputs) -> the nearest grid codes."""
+        shape = (1, -1, 1, 1)
+        half = (self.levels // 2).view(shape)
+        steps = (latents.float() * half).round() + half
+        return self.scale(torch.minimum(steps.clamp(min=0), self.levels.view(shape) - 1).movedim(1, -1)).movedim(-1, 1)
+
+    def update(self, skip: bool | torch.Tensor = False) -> bool:
+        return False  # a fixed grid: nothing to update
+
+
 def code_stats(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     """Usage (fraction of codes used) and perplexity (exp of the entropy of code frequencies)."""
     p = counts / counts.sum().clamp(min=1)
@@ -247,7 +318,7 @@ class VQVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.quantizer = VectorQuantizer(cfg)
+        self.quantizer = FiniteScalarQuantizer(cfg) if cfg.fsq_levels else VectorQuantizer(cfg)
         self.decoder = Decoder(cfg)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,8 +335,7 @@ class VQVAE(nn.Module):
 
     def quantize(self, latents: torch.Tensor) -> torch.Tensor:
         """Snap any latents (e.g. sampled by a diffusion model) to their nearest codes."""
-        quantized, _, _, _ = self.quantizer(latents)
-        return quantized
+        return self.quantizer.snap(latents)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """-> (reconstructions, commitment loss, code stats)."""

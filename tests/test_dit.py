@@ -295,6 +295,8 @@ def test_masked_model_maps_codes_to_logits_and_starts_uniform(mode, patch_size):
     codes = args[0].clone()
     codes[0, 1, 2] = (codes[0, 1, 2] + 1) % 11
     assert not torch.equal(model(codes, *args[1:])[0, 1, 2], out[0, 1, 2])
+    where = args[0] == 10  # the [MASK] positions: what the loss reads
+    torch.testing.assert_close(model(*args, where=where), out[where], atol=tolerance(1e-6, 1e-2), rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)

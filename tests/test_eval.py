@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmdit.config import load_config
-from mmdit.evaluate import caption_set, cli, generate, main as eval_main, merge, select_rows
+from mmdit.evaluate import caption_set, cli, generate, groups, main as eval_main, merge, select_rows
 from mmdit.pipeline import TextToImagePipeline
 from test_clip import make_tiny_open_clip  # tests/ is on sys.path (rootdir conftest)
 
@@ -78,6 +78,18 @@ def test_held_out_combinations_get_an_equal_share():
     assert len(rows) == 30 and sum(flags[i] for i in rows) == 10
     assert select_rows([False] * 5, 3) == [0, 1, 2]
     assert len(select_rows(flags, 100)) == 60
+
+
+def test_each_held_out_combination_is_also_scored_alone():
+    def row(shape, color, position, size, holdout):
+        return {"shape": shape, "color": color, "position": position, "size": size, "holdout": holdout}
+    truth = [row("triangle", "yellow", "left", "small", True), row("circle", "cyan", "top", "large", True),
+             row("triangle", "red", "left", "small", False), row("square", "cyan", "bottom right", "large", True)]
+    out = groups(truth, 4, ["yellow triangle", "large cyan", "square bottom right", "blue circle"])
+    assert out["held_out"] == [0, 1, 3] and out["seen"] == [2]
+    assert out["held_out: yellow triangle"] == [0] and out["held_out: large cyan"] == [1, 3]
+    assert out["held_out: square bottom right"] == [3] and "held_out: blue circle" not in out  # no row, no group
+    assert set(groups(truth, 4)) == {"all_captions", "seen", "held_out"}
 
 
 def test_prompts_file_reference_set_is_as_large_as_the_samples(tiny_run, tmp_path):

@@ -34,13 +34,14 @@ def test_the_loss_counts_masked_positions_only():
     masked = torch.zeros(2, N, dtype=torch.bool)
     masked[0, :3] = True
     masked[1, 5] = True
-    loss = masked_loss(logits, targets, masked)
-    changed = logits.clone()
-    changed[~masked] = torch.randn_like(changed[~masked])  # what is not masked does not count
-    assert torch.equal(masked_loss(changed, targets, masked), loss)
+    loss = masked_loss(logits[masked], targets, masked)  # the logits of the masked positions alone
+    changed = targets.clone()
+    changed[~masked] = (changed[~masked] + 1) % K  # what is not masked does not count
+    assert torch.equal(masked_loss(logits[masked], changed, masked), loss)
     ce = torch.nn.functional.cross_entropy(logits[0, :3], targets[0, :3])
     assert loss[0].item() == pytest.approx(ce.item(), rel=1e-6)
-    assert masked_loss(logits, targets, masked, label_smoothing=0.1)[0] != loss[0]
+    assert loss[1].item() == pytest.approx(torch.nn.functional.cross_entropy(logits[1, 5], targets[1, 5]).item())
+    assert masked_loss(logits[masked], targets, masked, label_smoothing=0.1)[0] != loss[0]
 
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 12])
@@ -93,3 +94,18 @@ def test_low_temperature_and_no_randomness_take_the_argmax():
     fn = Recorder()
     tokens = sample(fn, generators([0]), N, K, "cpu", steps=3, temperature=1e-4, randomness=0.0)
     assert torch.equal(tokens[0], fn.bias.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_sampled_tokens_follow_the_softmax_of_logits_over_temperature(temperature):
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.7])  # a code of probability 0 is never drawn
+
+    def fn(tokens, ratio):
+        return probs.log().expand(*tokens.shape, -1)
+
+    tokens = sample(fn, generators(range(40)), 100, 4, "cpu", steps=1, temperature=temperature)
+    share = torch.bincount(tokens.flatten(), minlength=4) / tokens.numel()
+    expected = probs ** (1 / temperature) / (probs ** (1 / temperature)).sum()
+    assert share[1] == 0
+    assert torch.allclose(share, expected, atol=0.03), (share, expected)
+

@@ -184,7 +184,8 @@ def test_masked_sampling_makes_t_calls_of_one_batch_and_guidance_1_is_the_condit
         text, h = conditioning(embedded[0]), 8
         generators = [torch.Generator().manual_seed(noise_seed(0, i)) for i in range(2)]
         codes = masked.sample(lambda tokens, ratio: forward(tokens.view(-1, h, h), ratio, text.hidden, text.mask,
-                                                            text.pooled).flatten(1, 2), generators, h * h, 32, "cpu", 5)
+                                                            text.pooled).flatten(1, 2), generators, h * h, 32, "cpu", 5,
+                              temperature=masked_pipe.options().temperature)
         assert torch.equal(images, masked_pipe.vqvae.decode_indices(codes.view(2, h, h)).clamp(-1, 1))
 
 

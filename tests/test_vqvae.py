@@ -101,6 +101,9 @@ def test_invalid_downsampling_factor(patch_size, channel_mult, factor):
     ({"num_res_blocks": -1}, r"vqvae.num_res_blocks=-1; accepted: an integer >= 0"),
     ({"ema_decay": 1.0}, r"vqvae.ema_decay=1.0; accepted: a number in \[0, 1\)"),
     ({"beta": float("nan")}, r"vqvae.beta=nan; accepted: a finite number >= 0"),
+    ({"fsq_levels": [8, 1]}, r"vqvae.fsq_levels=\[8, 1\]; accepted: \[\] \(a learned codebook\) or a list of integers >= 2"),
+    ({"fsq_levels": [8, 5, 5, 5]}, r"vqvae.fsq_levels=\[8, 5, 5, 5\] makes 1000 codes of 4 channels, but "
+                                   r"vqvae.codebook_size=512, vqvae.code_dim=8; accepted: codebook_size=1000 code_dim=4"),
 ])
 def test_bad_config_names_the_field(kwargs, says):
     with pytest.raises(ValueError, match=says):
@@ -542,3 +545,40 @@ def test_tiny_model_overfits_eight_images():
     # measured, seeds 0-3: initial MSE 0.45-0.50, final 0.0038-0.0044 (ratio 0.008-0.010); at steps 50/100
     # the training MSE is ~0.07/0.018. The bound leaves a 5x margin.
     assert final < 0.05 * initial, (initial, final)
+
+
+# ---------------------------------------------------------------------------------------------- FSQ
+
+
+def test_fsq_rounds_each_channel_to_its_levels_and_indexes_the_grid():
+    torch.manual_seed(0)
+    model = VQVAE(tiny_cfg(fsq_levels=[4, 3, 5], codebook_size=60, code_dim=3))
+    codes = model.quantizer.codes()  # (60, 3)
+    assert codes.shape == (60, 3) and len(torch.unique(codes, dim=0)) == 60
+    assert [len(torch.unique(codes[:, i])) for i in range(3)] == [4, 3, 5]
+    assert codes.min() == -1 and codes.max() == 1
+    z = torch.randn(64, 3, 4, 4) * 4  # past the tanh's knee on every side
+    quantized, indices, loss, stats = model.quantizer(z)
+    assert loss.item() == 0 and stats["usage"] == len(torch.unique(indices)) / 60
+    assert torch.equal(model.quantizer.embed(indices), quantized)
+    assert torch.equal(codes[indices.flatten()], quantized.permute(0, 2, 3, 1).reshape(-1, 3))
+    assert torch.equal(model.quantize(quantized), quantized)  # a code is its own nearest code
+    nudged = quantized + 0.2 * (torch.rand_like(quantized) - 0.5) / torch.tensor([2.0, 1, 2])[:, None, None]
+    assert torch.equal(model.quantize(nudged), quantized)  # within half a step of it
+    top, bottom = codes.max(0).values[:, None, None], codes.min(0).values[:, None, None]  # (3, 1, 1)
+    far = torch.where(quantized > 0, top, torch.where(quantized < 0, bottom, 0.0))
+    assert torch.equal(model.quantize(quantized * 3), far)  # clamped to the grid's ends
+    assert not model.quantizer.update() and not list(model.quantizer.state_dict())  # nothing learned
+
+
+def test_fsq_passes_gradients_straight_through_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = VQVAE(tiny_cfg(fsq_levels=[8, 5], codebook_size=40, code_dim=2))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon, commit, _ = model(images)
+    (recon.pow(2).mean() + commit).backward()
+    assert model.encoder.net[1].weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "fsq")
+    restored = VQVAE.from_pretrained(tmp_path / "fsq")
+    with torch.no_grad():
+        assert restored.cfg == model.cfg and torch.equal(restored.encode(images)[1], model.encode(images)[1])

@@ -82,7 +82,7 @@ class DiTBatches:
             return flow_loss(lambda x, t: model(x, t, *text), batch["x0"], batch["t"], batch["noise"]), batch["t"]
         codes = batch["x0"].flatten(1)  # (B, N)
         inputs, masked, ratio = mask_tokens(codes, self.mask_id, batch["t"], batch["scores"])
-        logits = model(inputs.view_as(batch["x0"]), ratio, *text).flatten(1, 2)  # (B, N, K)
+        logits = model(inputs.view_as(batch["x0"]), ratio, *text, where=masked.view_as(batch["x0"]))  # (M, K)
         return masked_loss(logits, codes, masked, self.cfg.label_smoothing), ratio
 
     def train_loss(self, model: DiT, batch: dict) -> tuple[torch.Tensor, dict]:
