@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from mmdit.sampling import edit_steps
+
 # model(x_t (B, C, H, W), t (B,)) -> velocity (B, C, H, W); the conditioning is bound in by the caller.
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -34,20 +36,26 @@ def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> t
 
 
 @torch.no_grad()
-def sample(velocity: VelocityFn, noise: torch.Tensor, steps: int = 25, sampler: str = "euler") -> torch.Tensor:
+def sample(velocity: VelocityFn, noise: torch.Tensor, steps: int = 25, sampler: str = "euler",
+           x0: torch.Tensor | None = None, strength: float = 1.0, known: torch.Tensor | None = None) -> torch.Tensor:
     """Integrate from t = 1 (noise) to t = 0 (data) in `steps` uniform steps. Heun (the trapezoid rule with an
-    Euler predictor) costs two model calls a step and is second-order accurate."""
+    Euler predictor) costs two model calls a step and is second-order accurate.
+
+    Editing, from the latents x0 of an image (B, C, H, W): start at t = strength on its path,
+    x = (1 - t) x0 + t * noise, and integrate the rest in ceil(strength * steps) steps of the same length
+    (strength 1 = text-to-image). `known` (B, 1, H, W) bool, inpainting: after every step those cells are put
+    back on x0's path at the new t, with the same noise (RePaint), so they end at x0 itself."""
     if steps < 1:
         raise ValueError(f"steps={steps}; accepted: an integer >= 1")
     if sampler not in ("euler", "heun"):
         raise ValueError(f"sampler={sampler!r}; accepted: euler, heun")
-    x = noise
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
+    x = noise if x0 is None else (1 - strength) * x0 + strength * noise
+    ts = torch.linspace(strength, 0.0, edit_steps(steps, strength) + 1, device=noise.device)
     for t, t_next in zip(ts[:-1], ts[1:]):
         v = velocity(x, t.expand(len(x)))
         x_next = x + (t_next - t) * v
         if sampler == "heun":
             v_next = velocity(x_next, t_next.expand(len(x)))
             x_next = x + (t_next - t) * (v + v_next) / 2
-        x = x_next
+        x = x_next if known is None else torch.where(known, (1 - t_next) * x0 + t_next * noise, x_next)
     return x

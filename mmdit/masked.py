@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from mmdit.sampling import edit_steps
+
 # model(tokens (B, N) long with [MASK] = K, ratio (B,)) -> logits (B, N, K); the conditioning is bound in.
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,12 +53,14 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tenso
     return sums / masked.sum(1).clamp(min=1)
 
 
-def still_masked(i: int, steps: int, n: int, masked_now: int) -> int:
-    """How many positions stay masked after step i (0-based) of `steps`: the cosine schedule, at least 1 and
-    at most masked_now - 1 (every step decides something), 0 after the last."""
+def still_masked(i: int, steps: int, total: torch.Tensor, masked_now: torch.Tensor) -> torch.Tensor:
+    """How many positions stay masked after step i (0-based) of `steps`, per image: the cosine schedule scaled to
+    the `total` (B,) positions the decoding started with, at least 1 and at most masked_now - 1 (every step
+    decides something), 0 after the last."""
     if i == steps - 1:
-        return 0
-    return max(1, min(masked_now - 1, math.floor(n * math.cos(math.pi / 2 * (i + 1) / steps))))
+        return torch.zeros_like(masked_now)
+    keep = (total.double() * math.cos(math.pi / 2 * (i + 1) / steps)).floor().long()
+    return keep.minimum(masked_now - 1).clamp(min=1).minimum(masked_now)
 
 
 def gumbel(uniform: torch.Tensor) -> torch.Tensor:
@@ -65,15 +69,30 @@ def gumbel(uniform: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codebook_size: int, device,
-           steps: int = 12, temperature: float = 1.0, randomness: float = 4.5) -> torch.Tensor:
+           steps: int = 12, temperature: float = 1.0, randomness: float = 4.5, tokens: torch.Tensor | None = None,
+           region: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """MaskGIT decoding of len(generators) images of n tokens -> code indices (B, n). Image b's random draws
-    come from generators[b] alone, so a picture does not depend on the batch it is decoded in."""
+    come from generators[b] alone, so a picture does not depend on the batch it is decoded in.
+
+    Editing, from the code indices `tokens` (B, n) of an image: re-mask round(strength * R) of the R positions
+    of `region` (B, n) bool (None = all: image-to-image; the repainted cells: inpainting), chosen at random, and
+    decode them in ceil(strength * steps) steps, the schedule scaled to that count; every other token is kept."""
     b, mask_id = len(generators), codebook_size
+    steps = edit_steps(steps, strength)
     # Two uniforms per image, step and position, drawn up front: one picks the token (inverse CDF), one is the
     # confidence noise. (K per position for a Gumbel-max draw would be most of a step's sampling work.)
     draws = torch.stack([torch.rand(steps, n, 2, generator=g) for g in generators]).to(device)  # (B, T, n, 2)
-    tokens = torch.full((b, n), mask_id, dtype=torch.long, device=device)
-    masked = torch.ones(b, n, dtype=torch.bool, device=device)
+    if tokens is None:
+        tokens = torch.full((b, n), mask_id, dtype=torch.long, device=device)
+        masked = torch.ones(b, n, dtype=torch.bool, device=device)
+    else:  # after the decoding's draws, so that strength 1 over the whole image draws as text-to-image does
+        scores = torch.stack([torch.rand(n, generator=g) for g in generators]).to(device)  # (B, n)
+        region = torch.ones_like(tokens, dtype=torch.bool) if region is None else region
+        count = (strength * region.sum(1)).round().long()  # (B,)
+        rank = torch.where(region, scores, math.inf).argsort(dim=1).argsort(dim=1)
+        masked = rank < count[:, None]
+        tokens = torch.where(masked, mask_id, tokens.long())
+    total = masked.sum(1)  # (B,)
     for i in range(steps):
         probs = (logits_fn(tokens, masked.float().mean(1)).float() / temperature).softmax(-1)  # (B, n, K)
         cdf = probs.cumsum(-1)  # a token drawn from probs: the first whose cumulative share exceeds the uniform
@@ -83,8 +102,7 @@ def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codeb
         confidence = probs.gather(-1, choice[..., None])[..., 0].clamp(min=1e-30).log()
         confidence = confidence + randomness * (1 - (i + 1) / steps) * gumbel(draws[:, i, :, 1])
         confidence = torch.where(masked, confidence, math.inf)  # decided tokens are never re-masked
-        keep = still_masked(i, steps, n, int(masked[0].sum()))
         rank = confidence.argsort(dim=1).argsort(dim=1)
-        masked = rank < keep  # the `keep` least confident stay masked
+        masked = rank < still_masked(i, steps, total, masked.sum(1))[:, None]  # the least confident stay masked
         tokens = torch.where(masked, mask_id, choice)
     return tokens

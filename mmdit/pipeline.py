@@ -37,10 +37,11 @@ from PIL import Image
 
 from mmdit.checks import check_guidance, check_int, check_number, check_seed, check_steps
 from mmdit.dit import DiT
+from mmdit.editing import Edit, per_prompt
 from mmdit import flow, masked
 from mmdit.flow import cfg_combine
 from mmdit.latents import LatentNorm
-from mmdit.pixels import to_pil
+from mmdit.pixels import to_float, to_pil
 from mmdit.sampling import ALL_SAMPLERS, SampleOptions, check_randomness, check_temperature
 from mmdit.text_encoder import TextEmbeddings, TextEncoder, conditioning
 from mmdit.vqvae import VQVAE
@@ -114,6 +115,11 @@ class TextToImagePipeline:
         self.norm = LatentNorm(info.latent_mean, info.latent_std)
 
     @property
+    def resolution(self) -> int:
+        """The side of the images it makes (and to which images to edit are resized)."""
+        return self.dit.cfg.input_size * self.vqvae.cfg.downsample
+
+    @property
     def text_encoder(self) -> TextEncoder:
         if self._text_encoder is None:  # loaded on first use: training samples from cached embeddings
             self._set_text_encoder(TextEncoder(self.info.text_encoder, max_length=self.info.max_length))
@@ -161,10 +167,12 @@ class TextToImagePipeline:
 
     @torch.no_grad()
     def generate(self, text: TextEmbeddings, null: TextEmbeddings, options: SampleOptions | None = None,
-                 first_index: int = 0) -> torch.Tensor:
-        """Embedded prompts (B, L, D) + the empty-prompt embedding (1, L, D) -> images (B, 3, H, W) in [-1, 1],
-        sampled as `options` say (None = the run's). Image i's random draws depend only on (options.seed,
-        first_index + i): a prompt's picture does not depend on how the prompts are batched or sharded."""
+                 first_index: int = 0, edit: Edit | None = None) -> torch.Tensor:
+        """Embedded prompts (B, L, D) + the unconditional branch of guidance, the empty prompt (1, L, D) or
+        negative prompts (B, L, D) -> images (B, 3, H, W) in [-1, 1], sampled as `options` say (None = the
+        run's), from `edit`'s images where given (mmdit/editing.py). Image i's random draws depend only on
+        (options.seed, first_index + i): a prompt's picture does not depend on how the prompts are batched or
+        sharded."""
         cfg = self.dit.cfg
         options = (options or self.info.sample).for_objective(cfg.objective)
         device = next(self.dit.parameters()).device
@@ -184,17 +192,27 @@ class TextToImagePipeline:
             cond, uncond = self.dit(torch.cat([x, x]), torch.cat([t, t]), hidden, mask, pooled).chunk(2)
             return cfg_combine(cond, uncond, options.guidance)
 
+        strength, cells, start = 1.0, None, (None, None)  # start: the input's (latents, code indices)
+        if edit is not None:
+            strength, cells = edit.strength, edit.cells(h)  # cells (B, h, h) bool or None
+            start = self.vqvae.encode(to_float(edit.images).to(device))
         if cfg.objective == "masked":
             codes = masked.sample(lambda tokens, ratio: predict(tokens.view(-1, h, h), ratio).flatten(1, 2),
                                   generators, h * h, cfg.codebook_size, device, options.steps, options.temperature,
-                                  options.randomness)  # (B, h * h)
-            return self.vqvae.decode_indices(codes.view(b, h, h)).clamp(-1, 1)
-        noise = torch.stack([torch.randn(cfg.in_channels, h, h, generator=g) for g in generators])
-        x = flow.sample(predict, noise.to(device), steps=options.steps, sampler=options.sampler)
-        latents = self.norm.denormalise(x)
-        if options.snap_to_codes:
-            latents = self.vqvae.quantize(latents)
-        return self.vqvae.decode(latents).clamp(-1, 1)
+                                  options.randomness, tokens=None if edit is None else start[1].flatten(1),
+                                  region=None if cells is None else cells.flatten(1), strength=strength)  # (B, h*h)
+            images = self.vqvae.decode_indices(codes.view(b, h, h))
+        else:
+            noise = torch.stack([torch.randn(cfg.in_channels, h, h, generator=g) for g in generators]).to(device)
+            x0 = None if edit is None else self.norm.normalise(start[0])
+            x = flow.sample(predict, noise, steps=options.steps, sampler=options.sampler, x0=x0, strength=strength,
+                            known=None if cells is None else ~cells[:, None].to(device))
+            latents = self.norm.denormalise(x)
+            if options.snap_to_codes:
+                latents = self.vqvae.quantize(latents)
+            images = self.vqvae.decode(latents)
+        images = images.clamp(-1, 1)
+        return images if edit is None else edit.paste_back(images)
 
     def options(self, num_steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
                 sampler: str | None = None, snap_to_codes: bool | None = None, temperature: float | None = None,
@@ -215,19 +233,36 @@ class TextToImagePipeline:
                                          snap_to_codes=snap_to_codes, temperature=temperature,
                                          randomness=randomness).for_objective(self.dit.cfg.objective)
 
-    def __call__(self, prompts: list[str], num_steps: int | None = None, guidance_scale: float | None = None,
-                 seed: int | None = None, sampler: str | None = None, batch_size: int = 64,
-                 snap_to_codes: bool | None = None, temperature: float | None = None,
-                 randomness: float | None = None) -> list[Image.Image]:
+    def __call__(self, prompts: list[str], negative_prompt: str | list[str] | None = None, image=None,
+                 strength: float | None = None, mask_image=None, num_steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int | None = None, sampler: str | None = None,
+                 batch_size: int = 64, snap_to_codes: bool | None = None, temperature: float | None = None,
+                 randomness: float | None = None, paste_unmasked: bool = True) -> list[Image.Image]:
         """Prompts -> PIL images. An argument left at None takes the run's saved sampling options
-        (`pipe.info.sample`: the `sample:` section it trained with)."""
+        (`pipe.info.sample`: the `sample:` section it trained with).
+
+        negative_prompt: a string or one per prompt, the unconditional branch of guidance ("" = none, as by
+        default). image (a PIL image or one per prompt): image-to-image, from noise level `strength` (default
+        0.6); with mask_image (white = repaint): inpainting (strength default 1), the input's pixels pasted back
+        outside the mask unless paste_unmasked=False. The rules: mmdit/editing.py."""
         prompts = check_prompts(prompts)
         check_int("batch_size", batch_size)
         options = self.options(num_steps, guidance_scale, seed, sampler, snap_to_codes, temperature,
                                randomness)  # before the encoder loads
-        null = self.text_encoder([""])
+        negatives = per_prompt("negative_prompt", "" if negative_prompt is None else negative_prompt, len(prompts),
+                               "a string")
+        bad = next((i for i, p in enumerate(negatives) if not isinstance(p, str)), None)
+        if bad is not None:
+            raise TypeError(f"negative_prompt[{bad}]={negatives[bad]!r}; accepted: a string or a list of strings")
+        edit = Edit.prepare(len(prompts), self.resolution, image,
+                            mask_image, strength, paste_unmasked)
+        shared = len(set(negatives)) == 1  # one unconditional row for all, as without a negative prompt
+        null = self.text_encoder(negatives[:1]) if shared else None
         images = []
         for start in range(0, len(prompts), batch_size):
-            text = self.text_encoder(list(prompts[start:start + batch_size]))
-            images += to_pil(self.generate(text, null, options, first_index=start))
+            part = slice(start, start + batch_size)
+            text = self.text_encoder(list(prompts[part]))
+            uncond = null if shared else self.text_encoder(negatives[part])
+            chunk = None if edit is None else edit.select(part)
+            images += to_pil(self.generate(text, uncond, options, first_index=start, edit=chunk))
         return images

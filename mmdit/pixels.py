@@ -9,6 +9,7 @@
     pils = to_pil(x)           # float -> RGB PIL images, the same bytes as to_uint8(x)
     image = from_pil(pil)      # one RGB PIL image -> uint8 (3, H, W)
     pil = to_rgb(pil)          # any PIL mode -> RGB, transparency on white
+    image = prepare(pil, 32)   # any RGB PIL image -> uint8 (3, 32, 32) as training data is prepared
 
 to_uint8(to_float(images)) == images for every uint8 value: each level k maps to k / 127.5 - 1 and back.
 """
@@ -56,3 +57,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit gray: scale to 8 bits, PIL would clip
         image = image.point(lambda v: v / 256).convert("L")
     return image.convert("RGB")
+
+
+def fit(image: Image.Image, resolution: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """Short side resized to `resolution` (long side truncated as torchvision computes it), then the centre square:
+    how training images are prepared, and the images and masks given to the pipeline for editing. PIL's
+    resampling widens its kernel when it shrinks, so downscaling is antialiased."""
+    r = resolution
+    if image.size == (r, r):
+        return image
+    w, h = image.size
+    size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+    image = image.resize(size, resample)
+    left, top = int(round((size[0] - r) / 2.0)), int(round((size[1] - r) / 2.0))
+    return image.crop((left, top, left + r, top + r))
+
+
+def prepare(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Any PIL image -> uint8 (3, R, R): RGB (transparency on white), then `fit`."""
+    return from_pil(fit(to_rgb(image), resolution))

@@ -12,6 +12,7 @@ defaults (`for_objective`: 25 Euler steps at guidance 4 for flow, 12 MaskGIT ste
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from mmdit.checks import check_guidance, check_number, check_seed, check_steps
@@ -21,6 +22,11 @@ ALL_SAMPLERS = tuple(s for samplers in SAMPLERS.values() for s in samplers)
 DEFAULT_STEPS = {"flow": 25, "masked": 12}
 # Masked: guidance sharpens logits, and past ~2 it collapses samples (docs/models.md has the sweep).
 DEFAULT_GUIDANCE = {"flow": 4.0, "masked": 2.0}
+
+
+def edit_steps(steps: int, strength: float) -> int:
+    """The steps an edit of `strength` takes of a `steps`-step schedule: the share strength of them, at least 1."""
+    return max(1, math.ceil(steps * strength - 1e-9))  # the epsilon: 0.6 * 25 is 15.000000000000002
 
 
 def check_temperature(name: str, value) -> float:

@@ -46,12 +46,14 @@ def test_the_loss_counts_masked_positions_only():
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 12])
 def test_the_schedule_decides_something_every_step_and_everything_at_the_end(steps):
-    left = N
+    total = torch.tensor([N, 5, 1])  # the whole image, and edits that re-mask 5 and 1 positions
+    left = total.clone()
     for i in range(steps):
-        keep = still_masked(i, steps, N, left)
-        assert 0 <= keep < left
+        keep = still_masked(i, steps, total, left)
+        assert ((0 <= keep) & ((keep < left) | (left == 1) & (i < steps - 1))).all()
         left = keep
-    assert left == 0
+    assert left.tolist() == [0, 0, 0]
+    assert still_masked(0, steps, torch.tensor([0]), torch.tensor([0])).tolist() == [0]  # nothing to decode
 
 
 class Recorder:

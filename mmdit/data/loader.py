@@ -36,12 +36,10 @@ import pyarrow as pa
 from datasets.distributed import split_dataset_by_node
 import torch
 from PIL import Image, ImageFile, ImageOps
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from mmdit.data import DataConfig
-from mmdit.pixels import from_pil, to_rgb
+from mmdit.pixels import prepare, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -212,14 +210,6 @@ def decode_image(value: Any) -> Image.Image | None:
         return None
 
 
-def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
-    """RGB PIL image -> uint8 (3, R, R): short side resized to R (antialiased), then center crop."""
-    if image.size != (resolution, resolution):
-        image = TF.resize(image, resolution, interpolation=InterpolationMode.BICUBIC, antialias=True)
-        image = TF.center_crop(image, [resolution, resolution])
-    return from_pil(image)
-
-
 def _text(value: Any) -> list[str]:
     # A number is text written without quotes (a year, a count); a bool, null or object is not a caption.
     if isinstance(value, str):
@@ -274,7 +264,7 @@ def iter_examples(
         if not any(c.strip() for c in captions):
             _tally(notes, EMPTY_CAPTION, f"kept {name} {EMPTY_CAPTION}")
         extra = {k: v for k, v in row.items() if k not in (cfg.image_column, cfg.caption_column, SKIP)}
-        yield preprocess(image, cfg.resolution), captions, extra
+        yield prepare(image, cfg.resolution), captions, extra
 
 
 def summary(source: str, split: str, kept: int, skipped: Counter, notes: Counter | None = None) -> str:
