@@ -1,6 +1,6 @@
 """Evaluate a trained run: generate images for a caption set and score them.
 
-    python eval/eval.py --model runs/shapes --out DIR [--metrics fid,clip,composition,recon] [--num-samples 500]
+    python eval/eval.py --model runs/shapes --out DIR [--metrics fid,clip,composition,recon,edit] [--num-samples 500]
         [--split validation | --prompts FILE] [--steps 25 --guidance 4.0 --seed 0 --sampler euler (default: the run's)]
         [--clip-model DIR|NAME] [--fid-features inception|clip] [--inception-weights FILE] [--cache-dir DIR]
     accelerate launch eval/eval.py ...    # sampling sharded across processes, the same numbers as one process
@@ -17,13 +17,14 @@ Metrics (mmdit/metrics.py has the protocol details):
   offline) or a CLIP's image features (--fid-features clip); reference statistics cached in --cache-dir;
 - clip: CLIP score (100 * max(cos, 0)) of samples and of the real images for the same captions (the ceiling);
 - composition (shapes): the judge's per-attribute and all-four accuracy, for seen and held-out combinations;
-- recon: VQ-VAE reconstruction PSNR of the reference images, and FID of reconstructions vs real.
+- recon: VQ-VAE reconstruction PSNR of the reference images, and FID of reconstructions vs real;
+- edit (shapes): recolour, reshape and negative-prompt edits of the real images, read by the judge (mmdit/edit_eval.py).
 A CLIP written by eval/train_clip.py is in-domain: its scores are labelled so, never standard CLIP/FID.
 
 Sharding: image i's noise depends only on (seed, i) (mmdit.pipeline.noise_seed). Batches of --batch-size start at
 multiples of it whatever the number of processes, each process samples a contiguous run of batches, and the main
 process gathers them in order and computes every metric: any number of processes gives the same images and numbers.
-Writes DIR/report.json (every number and the protocol), DIR/report.md and DIR/samples.png.
+Writes DIR/report.json (every number and the protocol), DIR/report.md and DIR/samples.png (and DIR/edit.png).
 """
 from __future__ import annotations
 
@@ -45,8 +46,10 @@ from mmdit.cli import ArgumentParser, add_sampling_args, check_sampling_args, ch
 from mmdit.clip import CLIPLoadError, load_clip
 from mmdit.config import ConfigError, load_config
 from mmdit.data.loader import DataError, ImageCaptions, dataset_source
+from mmdit import edit_eval
 from mmdit.data.shapes import ATTRIBUTES, judge_accuracy, matches_holdout, parse_holdout
 from mmdit.grid import save_grid
+from mmdit.editing import Edit
 from mmdit.metrics import (FID, MetricError, clip_cosines, clip_extractor, clip_score, inception_extractor,
                            reconstruct, retrieval_top1)
 from mmdit.pipeline import TextToImagePipeline
@@ -55,7 +58,7 @@ from mmdit.pixels import to_uint8
 from mmdit.text_encoder import TextEncoderLoadError
 from mmdit.weights import ExportError
 
-METRICS = ("fid", "clip", "composition", "recon")
+METRICS = ("fid", "clip", "composition", "recon", "edit")
 MAX_SAMPLES = 50_000  # FID's customary N; every sample is held in memory until scored
 
 
@@ -64,7 +67,7 @@ class EvalError(ValueError):
 
 
 USER_ERRORS = (EvalError, ConfigError, DataError, CLIPLoadError, MetricError, TextEncoderLoadError, FileNotFoundError,
-               ExportError)
+               ExportError, edit_eval.EditEvalError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,15 +180,23 @@ def my_batches(n: int, batch_size: int, rank: int, world: int) -> list[int]:
 
 @torch.no_grad()
 def generate(pipe: TextToImagePipeline, captions: list[str], options: SampleOptions, batch_size: int, rank: int = 0,
-             world: int = 1) -> list:
-    """This process's share of the samples: [(first index, uint8 (B, 3, H, W)), ...]."""
+             world: int = 1, edit: Edit | None = None, negatives: list[str] | None = None) -> list:
+    """This process's share: [(first index, uint8 (B, 3, H, W)), ...]; `edit`, `negatives`: one row per caption."""
     null = pipe.text_encoder([""])
     out = []
     for start in tqdm(my_batches(len(captions), batch_size, rank, world), desc="sampling", disable=rank != 0):
-        text = pipe.text_encoder(captions[start:start + batch_size])
-        images = pipe.generate(text, null, options, first_index=start)
+        rows = slice(start, start + batch_size)
+        text = pipe.text_encoder(captions[rows])
+        uncond = null if negatives is None else pipe.text_encoder(negatives[rows])
+        images = pipe.generate(text, uncond, options, first_index=start, edit=edit.select(rows) if edit else None)
         out.append((start, to_uint8(images).cpu()))
     return out
+
+
+def sample(pipe: TextToImagePipeline, captions: list[str], options: SampleOptions, args, state, **edit) -> torch.Tensor:
+    """Each process samples its batches (`edit`: generate's edit, negatives), then all get all the images, in order."""
+    return merge(gather_object(generate(pipe, captions, options, args.batch_size, state.process_index,
+                                        state.num_processes, **edit)))
 
 
 def merge(parts: list) -> torch.Tensor:
@@ -266,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise EvalError(f"--model {run}: not a run directory (no config.yaml); accepted: a directory written by "
                         "train/train.py")
     cfg = load_config(run / "config.yaml")
+    edit_eval.check_run(args.metrics, cfg.data, args.prompts)
     pipe = TextToImagePipeline.from_pretrained(run)
     pipe.dit.to(state.device)
     pipe.vqvae.to(state.device)
@@ -276,12 +288,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     start = time.perf_counter()
     options = pipe.options(args.steps, args.guidance, args.seed, args.sampler, temperature=args.temperature,
                            randomness=args.randomness)
-    parts = gather_object(generate(pipe, cs.captions, options, args.batch_size, state.process_index,
-                                   state.num_processes))
+    images = sample(pipe, cs.captions, options, args, state)
     seconds = time.perf_counter() - start
+    edits = edit_eval.generations(cs.truth, cs.real, options.seed) if "edit" in args.metrics else []
+    edited = {g.name: sample(pipe, g.prompts, options, args, state, edit=g.edit, negatives=g.negatives) for g in edits}
+    edit_seconds = time.perf_counter() - start - seconds
     if not state.is_main_process:
         return None
-    images = merge(parts)
 
     report = {"protocol": {
         "model": str(run), "dataset": dataset_source(cfg.data), "split": args.split, "resolution": cfg.data.resolution,
@@ -308,12 +321,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         if clip is not None:  # are the reconstructions still recognisable as their captions?
             report["recon"]["clip_retrieval_top1"] = {"reference": retrieval_top1(clip, cs.reference, cs.captions),
                                                       "recon": retrieval_top1(clip, recon, cs.captions)}
+    if edits:
+        report["edit"] = edit_eval.score(edits, edited, pipe.vqvae, pipe.dit.cfg.objective, edit_seconds)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     save_samples(images, cs, out / "samples.png")
+    if edits:
+        edit_eval.save_edit_grid(edits, edited, out / "edit.png")
     print(markdown(report))
     return report
 
@@ -374,6 +391,7 @@ def markdown(report: dict) -> str:
             top1 = r["clip_retrieval_top1"]
             lines += [f"CLIP image->text top-1 among the distinct captions: real {100 * top1['reference']:.1f}%, "
                       f"reconstructions {100 * top1['recon']:.1f}%", ""]
+    lines += edit_eval.markdown(report["edit"]) if "edit" in report else []
     return "\n".join(lines)
 
 

@@ -184,12 +184,21 @@ SAMPLE_CASES = [
     (["--out", "{tmp}"], "is a directory; accepted: a file path"),
     (["--out", "{tmp}/grid.xyz"], "--out={tmp}/grid.xyz: PIL writes no RGB image format named '.xyz'; accepted: .png"),
     (["--out", "/proc/grid.png"], "--out=/proc/grid.png cannot be written: /proc is not a writable directory"),
+    (["--strength", "0.5"], "--strength was given without --image; accepted: --strength with --image IN.png"),
+    (["--mask", "{tmp}/in.png"], "--mask was given without --image; accepted: --mask with --image IN.png"),
+    (["--image", "{tmp}/in.png", "--strength", "1.5"], "strength=1.5; accepted: a number in (0, 1]"),
+    (["--image", "{tmp}/missing.png"], "--image={tmp}/missing.png: not an image file PIL can read"),
+    (["--image", "{tmp}/file.txt"], "--image={tmp}/file.txt: not an image file PIL can read"),
+    (["--image", "{tmp}/in.png", "--mask", "{tmp}/wide.png"], "--mask is 64x32 but the image is 32x32; accepted: a "
+                                                              "mask of the image's aspect ratio"),
 ]
 
 
 @pytest.mark.parametrize("args, expected", SAMPLE_CASES, ids=[c[1][:30] for c in SAMPLE_CASES])
 def test_sample_cli(tiny_run, tmp_path, capsys, args, expected):
     (tmp_path / "file.txt").write_text("not a directory")
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    Image.new("L", (64, 32)).save(tmp_path / "wide.png")
     argv = ["--model", str(tiny_run), "--prompt", "a red circle", "--out", str(tmp_path / "grid.png"),
             *[a.replace("{tmp}", str(tmp_path)) for a in args]]
     one_error_line(capsys, sample_cli(argv), expected.replace("{tmp}", str(tmp_path)))

@@ -8,6 +8,7 @@ from torchvision.transforms import functional as TF
 from mmdit import TextToImagePipeline, flow
 from mmdit.editing import Edit, outpaint
 from mmdit.pixels import from_pil, prepare, to_float, to_uint8
+from mmdit.sample import main as sample_main
 
 R = 32  # the tiny runs' resolution; their latents are 8x8 (f4)
 
@@ -176,3 +177,26 @@ def test_bad_edit_arguments_get_one_clear_error(tiny_run, kwargs, message):
     pipe = TextToImagePipeline.from_pretrained(tiny_run)
     with pytest.raises((ValueError, TypeError), match=message):
         pipe(["a red circle", "a blue square"], num_steps=1, **kwargs)
+
+
+
+@pytest.mark.parametrize("objective", ["flow", "masked"])
+def test_sample_cli_edits_and_heads_each_row_with_the_input_and_its_mask(tiny_run, tiny_masked_run, tmp_path,
+                                                                          objective):
+    picture(48, 48, seed=6).save(tmp_path / "in.png")
+    mask_of((0, 0, 24, 48), (48, 48)).save(tmp_path / "mask.png")  # the left half: pixels 0..15 at 32x32
+    out = sample_main(["--model", str(tiny_run if objective == "flow" else tiny_masked_run), "--prompt", "a red circle",
+                       "--prompt", "a green square", "--num-images", "2", "--negative-prompt", "blue",
+                       "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--steps", "2",
+                       "--scale", "1", "--out", str(tmp_path / "grid.png")])
+    grid, pad, cols = np.array(Image.open(out)), 2, 4  # input, mask, 2 samples
+    assert grid.shape[0] == 2 * (R + pad) + pad
+    left = grid.shape[1] - cols * (R + pad)  # the columns start right of the labels
+    for row in range(2):
+        y = pad + row * (R + pad)
+        cells = [grid[y:y + R, left + j * (R + pad):left + j * (R + pad) + R] for j in range(cols)]
+        given = prepare(Image.open(tmp_path / "in.png"), R).permute(1, 2, 0).numpy()
+        assert np.array_equal(cells[0], given)
+        assert (cells[1][:, :16] == 255).all() and (cells[1][:, 16:] == 0).all()
+        for sample in cells[2:]:
+            assert np.array_equal(sample[:, 16:], given[:, 16:])  # outside the mask: the input, pasted back
