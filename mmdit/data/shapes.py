@@ -306,10 +306,13 @@ def judge(image) -> dict:
     # its sum and centroid; only pixels near the mask count, to keep noise out.
     v = palette[cos.argmax()]
     cover = np.clip(diff @ v / (v @ v), 0, None)
-    if interior.any():
-        cover /= np.median(cover[interior])
+    scale = np.median(cover[interior]) if interior.any() else 1.0
+    if scale > 0:  # 0 when most of the interior is another colour than the one read (a generated mix)
+        cover /= scale
     cover = np.clip(cover, 0, 1) * (_box_count(mask, 2) > 0)
     area = cover.sum()
+    if area <= 0:  # nothing of the colour read near the foreground: no object to measure
+        return dict(shape="circle", color=color, position="center", size="small", found=False)
     mx = (cover.sum(0) * (np.arange(w) + 0.5)).sum() / area
     my = (cover.sum(1) * (np.arange(h) + 0.5)).sum() / area
 
