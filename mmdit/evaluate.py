@@ -303,6 +303,25 @@ def main(argv: list[str] | None = None) -> dict | None:
         "text_encoder": pipe.text_encoder.resolved_id, "batch_size": args.batch_size,
         "processes": state.num_processes, "dit_mode": pipe.dit.cfg.mode,
         "objective": pipe.dit.cfg.objective, "sampling_seconds": round(seconds, 1)}}
+    report.update(score(args, cfg, pipe, cs, images, clip, fid, cache_dir))
+    if edits:
+        report["edit"] = edit_eval.score(edits, edited, pipe.vqvae, pipe.dit.cfg.objective, edit_seconds)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    save_samples(images, cs, out / "samples.png")
+    if edits:
+        edit_eval.save_edit_grid(edits, edited, out / "edit.png")
+    print(markdown(report))
+    return report
+
+
+def score(args, cfg, pipe: TextToImagePipeline, cs: CaptionSet, images: torch.Tensor, clip, fid,
+          cache_dir: Path) -> dict:
+    """The report's sections for --metrics fid, clip, composition and recon, on uint8 (N, 3, R, R) samples."""
+    report = {}
     if fid is not None:
         description = {"dataset": dataset_source(cfg.data), "split": args.split, "resolution": cfg.data.resolution,
                        "rows": cs.protocol["reference"]}
@@ -321,17 +340,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         if clip is not None:  # are the reconstructions still recognisable as their captions?
             report["recon"]["clip_retrieval_top1"] = {"reference": retrieval_top1(clip, cs.reference, cs.captions),
                                                       "recon": retrieval_top1(clip, recon, cs.captions)}
-    if edits:
-        report["edit"] = edit_eval.score(edits, edited, pipe.vqvae, pipe.dit.cfg.objective, edit_seconds)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown(report))
-    save_samples(images, cs, out / "samples.png")
-    if edits:
-        edit_eval.save_edit_grid(edits, edited, out / "edit.png")
-    print(markdown(report))
     return report
 
 
