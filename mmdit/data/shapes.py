@@ -189,13 +189,34 @@ def sample_examples(n: int, size: int = 32, seed=0, holdout: list[dict] = (),
 # ---------------------------------------------------------------- dataset files
 
 
+def png(image: Image.Image) -> dict:
+    """A PIL image as a `datasets.Image` cell: PNG bytes."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def write_atomically(out: Path, overwrite: bool, fill) -> None:
+    """Call ``fill(tmp_dir)``, then move tmp_dir to ``out``: readers never see a half-written dataset."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(tmp)
+        if out.exists():  # empty, or replaced on request: swap it out, then delete it
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "d")
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _to_dataset(rows: list[dict]):
     import datasets  # heavy import, only needed when writing
-
-    def png(img):
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return {"bytes": buf.getvalue(), "path": None}
 
     columns = {"image": [png(r["image"]) for r in rows]}
     columns.update({k: [r[k] for r in rows] for k in ["caption", *ATTRIBUTES, "holdout"]})
@@ -209,17 +230,16 @@ def generate(out_dir, num_images: int, size: int = 32, seed: int = 0,
              val_fraction: float = 0.05, holdout=(), overwrite: bool = False,
              verbose: bool = True) -> dict:
     """Write the dataset to ``out_dir`` atomically and return its info dict."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True)")
     holdout = list(holdout)
     holdout_attrs = [parse_holdout(h) for h in holdout]
     n_val = round(num_images * val_fraction)
     counts = {"train": num_images - n_val, "validation": n_val}
     start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    info = {"version": VERSION, "size": size, "seed": seed, "num_images": num_images,
+            "val_fraction": val_fraction, "holdout": holdout, "holdout_attrs": holdout_attrs,
+            "counts": counts, "vocab": VOCAB}
+
+    def fill(tmp: Path) -> None:
         (tmp / "data").mkdir()
         for split_id, split in enumerate(["train", "validation"]):
             if not counts[split]:
@@ -228,19 +248,10 @@ def generate(out_dir, num_images: int, size: int = 32, seed: int = 0,
             rows = sample_examples(counts[split], size, [seed, split_id], holdout_attrs,
                                    exclude_holdout=split == "train", progress=verbose)
             _to_dataset(rows).to_parquet(str(tmp / "data" / f"{split}-00000-of-00001.parquet"))
-        info = {"version": VERSION, "size": size, "seed": seed, "num_images": num_images,
-                "val_fraction": val_fraction, "holdout": holdout, "holdout_attrs": holdout_attrs,
-                "counts": counts, "vocab": VOCAB}
         (tmp / "shapes.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():  # empty, or replaced on request: swap it out, then delete it
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "d")
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    out = Path(out_dir)
+    write_atomically(out, overwrite, fill)
     if verbose:
         print(f"shapes: wrote {counts['train']} train + {counts['validation']} validation "
               f"images to {out} in {time.perf_counter() - start:.1f}s")
