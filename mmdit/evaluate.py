@@ -182,13 +182,10 @@ def my_batches(n: int, batch_size: int, rank: int, world: int) -> list[int]:
 def generate(pipe: TextToImagePipeline, captions: list[str], options: SampleOptions, batch_size: int, rank: int = 0,
              world: int = 1, edit: Edit | None = None, negatives: list[str] | None = None) -> list:
     """This process's share: [(first index, uint8 (B, 3, H, W)), ...]; `edit`, `negatives`: one row per caption."""
-    null = pipe.text_encoder([""])
+    negatives = negatives or [""] * len(captions)
     out = []
     for start in tqdm(my_batches(len(captions), batch_size, rank, world), desc="sampling", disable=rank != 0):
-        rows = slice(start, start + batch_size)
-        text = pipe.text_encoder(captions[rows])
-        uncond = null if negatives is None else pipe.text_encoder(negatives[rows])
-        images = pipe.generate(text, uncond, options, first_index=start, edit=edit.select(rows) if edit else None)
+        images = pipe.generate_rows(captions, negatives, options, slice(start, start + batch_size), edit)
         out.append((start, to_uint8(images).cpu()))
     return out
 

@@ -256,13 +256,17 @@ class TextToImagePipeline:
             raise TypeError(f"negative_prompt[{bad}]={negatives[bad]!r}; accepted: a string or a list of strings")
         edit = Edit.prepare(len(prompts), self.resolution, image,
                             mask_image, strength, paste_unmasked)
-        shared = len(set(negatives)) == 1  # one unconditional row for all, as without a negative prompt
-        null = self.text_encoder(negatives[:1]) if shared else None
         images = []
         for start in range(0, len(prompts), batch_size):
-            part = slice(start, start + batch_size)
-            text = self.text_encoder(list(prompts[part]))
-            uncond = null if shared else self.text_encoder(negatives[part])
-            chunk = None if edit is None else edit.select(part)
-            images += to_pil(self.generate(text, uncond, options, first_index=start, edit=chunk))
+            images += to_pil(self.generate_rows(prompts, negatives, options, slice(start, start + batch_size), edit))
         return images
+
+    def generate_rows(self, prompts: list[str], negatives: list[str], options: SampleOptions, rows: slice,
+                      edit: Edit | None = None) -> torch.Tensor:
+        """The images of prompts[rows] (B, 3, H, W) in [-1, 1], each with its negative prompt (the unconditional
+        branch) and, where given, edit's image: one batch of `__call__`, or of a shard in mmdit.evaluate."""
+        text = self.text_encoder(list(prompts[rows]))
+        negative = negatives[rows]
+        uncond = self.text_encoder(negative[:1] if len(set(negative)) == 1 else negative)  # one row serves all
+        return self.generate(text, uncond, options, first_index=rows.start,
+                             edit=None if edit is None else edit.select(rows))
