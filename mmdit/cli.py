@@ -77,10 +77,14 @@ def multi_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
 
 
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """--steps, --guidance, --sampler, --seed, --temperature, --randomness: each defaults to the run's saved sampling options (mmdit/sampling.py)."""
+def add_sampling_args(parser: argparse.ArgumentParser, guidance_list: bool = False) -> None:
+    """--steps, --guidance, --sampler, --seed, --temperature, --randomness: each defaults to the run's saved sampling options (mmdit/sampling.py).
+    `guidance_list`: --guidance stays a string, one scale or a comma-separated list (the eval's sweep,
+    mmdit/sweep.py parses it)."""
     parser.add_argument("--steps", type=int, help=f"sampler steps (1 to {MAX_STEPS}; default: the run's)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 = none (default: the run's)")
+    parser.add_argument("--guidance", type=str if guidance_list else float,
+                        help="classifier-free guidance scale; 1 = none (default: the run's)"
+                        + ("; a comma-separated list (e.g. 1,2,4,7) sweeps it" if guidance_list else ""))
     parser.add_argument("--sampler", choices=ALL_SAMPLERS,
                         help="flow: euler, heun; masked: maskgit (default: the run's)")
     parser.add_argument("--seed", type=int, help="image i's noise comes from (seed, i) (default: the run's)")

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmdit.data import DataConfig
-from mmdit.data.shapes import ATTRIBUTES, BACKGROUND, COLORS, SHAPES, caption_for, judge, judge_accuracy
+from mmdit.data.shapes import (ATTRIBUTES, BACKGROUND, COLORS, SHAPES, caption_for, judge, judge_accuracy,
+                               partial_caption)
 from mmdit.editing import Edit
 from mmdit.grid import save_grid
 from mmdit.metrics import reconstruct
@@ -51,23 +51,6 @@ PROTOCOL = {  # what report.json says of how the numbers were made
     "reshape_scores": "judge: the pasted result; PSNR: the raw decode vs the input outside the mask, mean per image",
     "negative_prompt": "colour-less captions, sampled without and with a colour as the negative prompt, same noise",
 }
-
-
-class EditEvalError(ValueError):
-    """`--metrics edit` asked of a run it cannot score; the message says what is wrong and what is accepted."""
-
-
-def check_run(metrics: list[str], data: DataConfig, prompts: str | None) -> None:
-    """Before any sampling, for --metrics edit: the judge reads only shapes images, and the edits start from the
-    split's real images."""
-    if "edit" not in metrics:
-        return
-    if data.name != "shapes":
-        raise EditEvalError(f"--metrics edit needs a shapes run (its judge reads the edits); this run's data is "
-                            f"{data.name!r}")
-    if prompts:
-        raise EditEvalError(f"--metrics edit edits the real images of --split, so it takes no --prompts "
-                            f"({prompts}); accepted: --metrics edit without --prompts")
 
 
 @dataclass
@@ -96,9 +79,9 @@ def margin_px(resolution: int) -> int:
 
 
 def colourless_caption(attrs: dict) -> str:
-    """Shape, size and position without a colour: every caption template names a colour, and the first reads
-    well without it ("a small circle at the top")."""
-    return " ".join(caption_for({**attrs, "color": ""}, template_index=0).split())
+    """Shape, size and position without a colour ("a small circle at the top"): the partial captions of
+    training (data.partial_captions) name them so."""
+    return partial_caption(attrs, LAYOUT)
 
 
 def object_box(images: torch.Tensor, margin: int) -> torch.Tensor:

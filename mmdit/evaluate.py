@@ -1,7 +1,8 @@
 """Evaluate a trained run: generate images for a caption set and score them.
 
-    python eval/eval.py --model runs/shapes --out DIR [--metrics fid,clip,composition,recon,edit] [--num-samples 500]
+    python eval/eval.py --model runs/shapes --out DIR [--metrics fid,clip,composition,recon,edit,geneval] [--num-samples 500]
         [--split validation | --prompts FILE] [--steps 25 --guidance 4.0 --seed 0 --sampler euler (default: the run's)]
+    python eval/eval.py ... --guidance 1,2,4,7    # a sweep: each scale in OUT/guidance-<g>/, their table and plot
         [--clip-model DIR|NAME] [--fid-features inception|clip] [--inception-weights FILE] [--cache-dir DIR]
     accelerate launch eval/eval.py ...    # sampling sharded across processes, the same numbers as one process
 
@@ -18,17 +19,21 @@ Metrics (mmdit/metrics.py has the protocol details):
 - clip: CLIP score (100 * max(cos, 0)) of samples and of the real images for the same captions (the ceiling);
 - composition (shapes): the judge's per-attribute and all-four accuracy, for seen and held-out combinations;
 - recon: VQ-VAE reconstruction PSNR of the reference images, and FID of reconstructions vs real;
-- edit (shapes): recolour, reshape and negative-prompt edits of the real images, read by the judge (mmdit/edit_eval.py).
+- edit (shapes): recolour, reshape and negative-prompt edits of the real images, read by the judge (mmdit/edit_eval.py);
+- geneval (scenes): GenEval's six tasks on N prompts of their own, seen and held out, read by the scenes judge
+  (mmdit/geneval.py), with a grid per task.
 A CLIP written by eval/train_clip.py is in-domain: its scores are labelled so, never standard CLIP/FID.
 
 Sharding: image i's noise depends only on (seed, i) (mmdit.pipeline.noise_seed). Batches of --batch-size start at
 multiples of it whatever the number of processes, each process samples a contiguous run of batches, and the main
 process gathers them in order and computes every metric: any number of processes gives the same images and numbers.
 Writes DIR/report.json (every number and the protocol), DIR/report.md and DIR/samples.png (and DIR/edit.png).
+A guidance sweep (mmdit/sweep.py) writes them per scale, and DIR/report.json, report.md and guidance.png over all.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -45,11 +50,14 @@ from mmdit.checks import check_int
 from mmdit.cli import ArgumentParser, add_sampling_args, check_sampling_args, check_writable, multi_cpu, run_cli
 from mmdit.clip import CLIPLoadError, load_clip
 from mmdit.config import ConfigError, load_config
-from mmdit.data.loader import DataError, ImageCaptions, dataset_source
-from mmdit import edit_eval
-from mmdit.data.shapes import ATTRIBUTES, judge_accuracy, matches_holdout, parse_holdout
+from mmdit.data.loader import DataError, dataset_source
+from mmdit import edit_eval, geneval, sweep
+from mmdit.data.shapes import judge_accuracy, matches_holdout, parse_holdout
+from mmdit.eval_captions import CaptionSet, EvalError, caption_set
+from mmdit.eval_report import markdown
 from mmdit.grid import save_grid
 from mmdit.editing import Edit
+from mmdit.model_card import refresh_model_card
 from mmdit.metrics import (FID, MetricError, clip_cosines, clip_extractor, clip_score, inception_extractor,
                            reconstruct, retrieval_top1)
 from mmdit.pipeline import TextToImagePipeline
@@ -58,16 +66,18 @@ from mmdit.pixels import to_uint8
 from mmdit.text_encoder import TextEncoderLoadError
 from mmdit.weights import ExportError
 
-METRICS = ("fid", "clip", "composition", "recon", "edit")
+METRICS = ("fid", "clip", "composition", "recon", "edit", "geneval")
+SAMPLED = {"fid", "clip", "composition"}  # the metrics scored on samples of the caption set
 MAX_SAMPLES = 50_000  # FID's customary N; every sample is held in memory until scored
 
 
-class EvalError(ValueError):
-    """Bad input to eval: the message says what is wrong and what is accepted."""
-
-
 USER_ERRORS = (EvalError, ConfigError, DataError, CLIPLoadError, MetricError, TextEncoderLoadError, FileNotFoundError,
-               ExportError, edit_eval.EditEvalError)
+               ExportError)
+# The metrics only one generated dataset can score (its judge reads the images), each choosing its own images or
+# prompts: (dataset, why, what it scores instead of --prompts).
+DATASET_METRICS = {"edit": ("shapes", "its judge reads the edits", "edits the real images of --split"),
+                   "geneval": ("scenes", "e.g. configs/scenes-64.yaml: its judge reads the images",
+                               "draws its own prompts")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=500, help=f"1 to {MAX_SAMPLES}")
     parser.add_argument("--split", default="validation", help="caption set and real images (default: %(default)s)")
     parser.add_argument("--prompts", help="caption file instead of the split's captions: .txt or .jsonl")
-    add_sampling_args(parser)
+    add_sampling_args(parser, guidance_list=True)
     parser.add_argument("--batch-size", type=int, default=100, help="sampling batch: also the unit of sharding")
     parser.add_argument("--clip-model", help="CLIP for clip score / CLIP features: a train_clip.py directory or a name")
     parser.add_argument("--fid-features", choices=["inception", "clip"], default="inception")
@@ -94,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.metrics = metrics
     try:  # what would otherwise fail only after loading the run, or in the middle of sampling
         check_int("--num-samples", args.num_samples, 1, MAX_SAMPLES)
+        args.guidance, args.guidance_sweep = sweep.parse_guidance(args.guidance)  # one scale, or a sweep's
         check_sampling_args(args)
         check_int("--batch-size", args.batch_size)
     except ValueError as e:
@@ -105,68 +116,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------------------------------------------
-# The caption set.
-
-@dataclass
-class CaptionSet:
-    captions: list[str]
-    truth: list[dict] | None  # per caption: the attributes the judge must read (shapes), else None
-    real: torch.Tensor | None  # uint8 (N, 3, R, R): the real image of each caption, when there is one
-    reference: torch.Tensor  # uint8 real images: FID reference set, reconstructed by the VQ-VAE
-    protocol: dict
-
-
-def select_rows(holdout: list[bool], n: int) -> list[int]:
-    """n rows: the first held-out rows, an equal share (all of them when fewer), then the first seen rows."""
-    held = [i for i, h in enumerate(holdout) if h]
-    seen = [i for i, h in enumerate(holdout) if not h]
-    k_seen = min(len(seen), n - min(len(held), n // 2))
-    return sorted(held[:n - k_seen] + seen[:k_seen])
-
-
-def read_prompts(path: Path) -> tuple[list[str], list[dict] | None]:
-    if not path.is_file():
-        raise EvalError(f"--prompts {path}: no such file; accepted: a .txt file (one caption per line) or .jsonl")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        return lines, None
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-            rows[-1]["caption"] = str(rows[-1]["caption"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise EvalError(f"--prompts {path} line {number}: not a JSON object with a \"caption\" ({e})") from e
-    has_truth = all(all(a in r for a in ATTRIBUTES) for r in rows)
-    return [r["caption"] for r in rows], rows if has_truth else None
-
-
-def caption_set(cfg, args) -> CaptionSet:
-    data = ImageCaptions.from_split(cfg.data, args.split, progress=False)
-    n = args.num_samples
-    if args.prompts:
-        captions, truth = read_prompts(Path(args.prompts))
-        if not captions:
-            raise EvalError(f"--prompts {args.prompts} holds no caption")
-        captions, truth = captions[:n], truth[:n] if truth else None
-        # As many real images as samples, as with --split: FID's bias depends on the set sizes, so FIDs from
-        # the two caption sources compare only so.
-        reference = data.images[:len(captions)]
-        protocol = {"source": f"prompts file {args.prompts}", "reference": f"first {len(reference)} images of "
-                    f"split {args.split!r}"}
-        return CaptionSet(captions, truth, None, reference, protocol)
-    holdout = data.columns.get("holdout")
-    rows = select_rows(holdout, n) if holdout else list(range(min(n, len(data))))
-    truth = ([{k: data.columns[k][i] for k in data.columns} for i in rows]
-             if all(a in data.columns for a in ATTRIBUTES) else None)
-    held = sum(bool(holdout[i]) for i in rows) if holdout else 0
-    protocol = {"source": f"split {args.split!r}, first caption of each row",
-                "selection": ("held-out combinations get an equal share (min(N/2, all of them)), the rest are the "
-                              "first seen rows, in split order" if holdout else "the first N rows"),
-                "n_seen": len(rows) - held, "n_held_out": held, "reference": "the real images of these rows"}
-    real = data.images[rows]
-    return CaptionSet([data.captions[i][0] for i in rows], truth, real, real, protocol)
+def check_run(metrics: list[str], dataset: str, prompts: str | None) -> None:
+    """Before any sampling: the dataset-specific metrics asked of a run of another dataset, or with --prompts."""
+    for metric in (m for m in metrics if m in DATASET_METRICS):
+        needs, why, own = DATASET_METRICS[metric]
+        if dataset != needs:
+            raise EvalError(f"--metrics {metric} needs a {needs} run ({why}); this run's data is {dataset!r}")
+        if prompts:
+            raise EvalError(f"--metrics {metric} {own}, so it takes no --prompts ({prompts}); accepted: --metrics "
+                            f"{metric} without --prompts")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,45 +232,80 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise EvalError(f"--model {run}: not a run directory (no config.yaml); accepted: a directory written by "
                         "train/train.py")
     cfg = load_config(run / "config.yaml")
-    edit_eval.check_run(args.metrics, cfg.data, args.prompts)
+    check_run(args.metrics, cfg.data.name, args.prompts)
     pipe = TextToImagePipeline.from_pretrained(run)
     pipe.dit.to(state.device)
     pipe.vqvae.to(state.device)
     cs = caption_set(cfg, args)
     cache_dir = Path(args.cache_dir or Path(cfg.train.cache_dir) / "fid")
-    clip, fid = setup_scorers(args, state.device, cache_dir) if state.is_main_process else (None, None)
+    scorers = setup_scorers(args, state.device, cache_dir) if state.is_main_process else (None, None)
+    at = functools.partial(evaluate_at, args=args, cfg=cfg, run=run, pipe=pipe, cs=cs,
+                           scorers=(*scorers, cache_dir), state=state)
+    if args.guidance_sweep:  # the same evaluation at each scale, then their table and plot
+        return sweep.run(args.guidance_sweep, at, Path(args.out))
+    return at(args.guidance, Path(args.out))
 
-    start = time.perf_counter()
-    options = pipe.options(args.steps, args.guidance, args.seed, args.sampler, temperature=args.temperature,
+
+def evaluate_at(guidance: float | None, out: Path, args, cfg, run: Path, pipe: TextToImagePipeline,
+                cs: CaptionSet, scorers: tuple, state) -> dict | None:
+    """Sample and score at one guidance scale (None: the run's) and write `out` -> the report (main process)."""
+    clip, fid, cache_dir = scorers
+    options = pipe.options(args.steps, guidance, args.seed, args.sampler, temperature=args.temperature,
                            randomness=args.randomness)
-    images = sample(pipe, cs.captions, options, args, state)
-    seconds = time.perf_counter() - start
-    edits = edit_eval.generations(cs.truth, cs.real, options.seed) if "edit" in args.metrics else []
-    edited = {g.name: sample(pipe, g.prompts, options, args, state, edit=g.edit, negatives=g.negatives) for g in edits}
-    edit_seconds = time.perf_counter() - start - seconds
+    start = time.perf_counter()
+    s = sample_all(pipe, cfg, cs, options, args, state)
     if not state.is_main_process:
         return None
 
     report = {"protocol": {
         "model": str(run), "dataset": dataset_source(cfg.data), "split": args.split, "resolution": cfg.data.resolution,
-        "holdout": cfg.data.holdout, "caption_set": cs.protocol, "num_samples": len(images), **asdict(options),
+        "holdout": cfg.data.holdout, "caption_set": cs.protocol, "num_samples": args.num_samples, **asdict(options),
         "noise": "image i: torch.Generator().manual_seed(mmdit.pipeline.noise_seed(seed, i)), a blake2b hash",
         "text_encoder": pipe.text_encoder.resolved_id, "batch_size": args.batch_size,
-        "processes": state.num_processes, "dit_mode": pipe.dit.cfg.mode,
-        "objective": pipe.dit.cfg.objective, "sampling_seconds": round(seconds, 1)}}
-    report.update(score(args, cfg, pipe, cs, images, clip, fid, cache_dir))
-    if edits:
-        report["edit"] = edit_eval.score(edits, edited, pipe.vqvae, pipe.dit.cfg.objective, edit_seconds)
+        "processes": state.num_processes, "dit_mode": pipe.dit.cfg.mode, "objective": pipe.dit.cfg.objective,
+        "sampling_seconds": round(time.perf_counter() - start, 1)}}
+    report.update(score(args, cfg, pipe, cs, s.images, clip, fid, cache_dir))
+    if s.edits:
+        report["edit"] = edit_eval.score(s.edits, s.edited, pipe.vqvae, pipe.dit.cfg.objective, s.edit_seconds)
+    if s.prompts:
+        report["geneval"] = geneval.score(s.prompts, s.scenes)
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
-    save_samples(images, cs, out / "samples.png")
-    if edits:
-        edit_eval.save_edit_grid(edits, edited, out / "edit.png")
+    if not args.guidance_sweep:  # RUN/README.md with these numbers (a sweep's scales would overwrite each other)
+        refresh_model_card(run, out / "report.json")
+    if s.images is not None:
+        save_samples(s.images, cs, out / "samples.png")
+    if s.edits:
+        edit_eval.save_edit_grid(s.edits, s.edited, out / "edit.png")
+    if s.prompts:
+        geneval.save_grids(s.prompts, s.scenes, out)
     print(markdown(report))
     return report
+
+
+@dataclass
+class Samples:
+    images: torch.Tensor | None  # uint8 (N, 3, R, R) of the caption set, when a metric scores them
+    edits: list  # edit_eval.Generation, and their samples by name
+    edited: dict
+    edit_seconds: float
+    prompts: geneval.PromptSet | None  # --metrics geneval: its prompts and their samples
+    scenes: torch.Tensor | None
+
+
+def sample_all(pipe: TextToImagePipeline, cfg, cs: CaptionSet, options: SampleOptions, args, state) -> Samples:
+    """Every image the asked metrics score, each set sharded across the processes."""
+    images = sample(pipe, cs.captions, options, args, state) if SAMPLED & set(args.metrics) else None
+    start = time.perf_counter()
+    edits = edit_eval.generations(cs.truth, cs.real, options.seed) if "edit" in args.metrics else []
+    edited = {g.name: sample(pipe, g.prompts, options, args, state, edit=g.edit, negatives=g.negatives) for g in edits}
+    edit_seconds = time.perf_counter() - start
+    prompts = (geneval.prompt_set(args.num_samples, cfg.data.resolution, geneval.dataset_holdout(cfg.data))
+               if "geneval" in args.metrics else None)
+    scenes = sample(pipe, prompts.captions, options, args, state) if prompts else None
+    return Samples(images, edits, edited, edit_seconds, prompts, scenes)
 
 
 def score(args, cfg, pipe: TextToImagePipeline, cs: CaptionSet, images: torch.Tensor, clip, fid,
@@ -347,57 +340,6 @@ def save_samples(images: torch.Tensor, cs: CaptionSet, path: Path, rows: int = 2
     grid = [[pil(images[i])] + ([pil(cs.real[i])] if cs.real is not None else []) for i in shown]
     labels = [cs.captions[i] + (" [held out]" if cs.truth and cs.truth[i].get("holdout") else "") for i in shown]
     save_grid(grid, path, scale=2, labels=labels)
-
-
-def markdown(report: dict) -> str:
-    p = report["protocol"]
-    lines = [f"# mmdit evaluation: {p['model']}", "",
-             (f"{p['num_samples']} samples, {p['caption_set']['source']}, {p['steps']} {p['sampler']} steps, "
-              f"guidance {p['guidance']}, seed {p['seed']}, DiT mode {p['dit_mode']}, {p['processes']} process(es), "
-              f"{p['sampling_seconds']} s sampling."), ""]
-    if "fid_extractor" in report:
-        e = report["fid_extractor"]
-        cached = ", statistics from the cache" if e["reference"]["from_cache"] else ""
-        lines += [(f"FID features: {e['label']}; resize: {e['resize']}; reference: {e['reference']['n']} images "
-                   f"({e['reference']['rows']}){cached}."), ""]
-    if "fid" in report:
-        lines += ["## FID", "", (f"{report['fid']['label']}: **{report['fid']['samples_vs_reference']:.3f}** "
-                                 "(samples vs reference)"), ""]
-    if "clip" in report:
-        c = report["clip"]
-        lines += ["## CLIP score", "", f"{c['label']}. Floor: real images with the next row's caption.", "",
-                  "| captions | n | samples | real images (ceiling) | ratio | mismatched captions (floor) |",
-                  "|---|---|---|---|---|---|"]
-        for name in ("all_captions", "seen", "held_out"):
-            if name in c:
-                row = c[name]
-                ceiling = f"{row['real_ceiling']['clip_score']:.2f}" if "real_ceiling" in row else "-"
-                ratio = f"{100 * row['ratio_to_ceiling']:.1f}%" if "ratio_to_ceiling" in row else "-"
-                floor = f"{row['mismatched_floor']['clip_score']:.2f}" if "mismatched_floor" in row else "-"
-                lines.append(f"| {name} | {row['n']} | {row['samples']['clip_score']:.2f} | {ceiling} | {ratio} | "
-                             f"{floor} |")
-        lines.append("")
-    if "composition" in report:
-        comp, keys = report["composition"], [*ATTRIBUTES, "all"]
-        lines += ["## Compositional accuracy (shapes judge)", ""]
-        if "skipped" in comp:
-            lines += [f"Skipped: {comp['skipped']}.", ""]
-        else:
-            lines += ["| captions | n | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
-            lines += [f"| {name} | {row['n']} | " + " | ".join(f"{100 * row[k]:.1f}%" for k in keys) + " |"
-                      for name, row in comp.items()]
-            lines.append("")
-    if "recon" in report:
-        r = report["recon"]
-        lines += ["## VQ-VAE reconstruction", "",
-                  (f"{r['n']} reference images: PSNR {r['psnr_db']:.2f} dB, {r['fid_label']} of reconstructions vs "
-                   f"real: {r['fid_recon_vs_reference']:.3f}"), ""]
-        if "clip_retrieval_top1" in r:
-            top1 = r["clip_retrieval_top1"]
-            lines += [f"CLIP image->text top-1 among the distinct captions: real {100 * top1['reference']:.1f}%, "
-                      f"reconstructions {100 * top1['recon']:.1f}%", ""]
-    lines += edit_eval.markdown(report["edit"]) if "edit" in report else []
-    return "\n".join(lines)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -67,6 +67,19 @@ def gumbel(uniform: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
 
 
+def plausibility(logits_fn: LogitsFn, tokens: torch.Tensor, mask_id: int, uniforms: torch.Tensor) -> torch.Tensor:
+    """log p(token) (B, n) of each of an image's tokens under the prompt (the guided logits), read in two passes
+    with complementary halves hidden (by `uniforms` (B, n)): the model predicts only hidden tokens, as trained.
+    Re-masking the least plausible first is what lets an edit reach the tokens the prompt disagrees with (the
+    object's, when the prompt names another colour) instead of a random share of them."""
+    hide = uniforms < 0.5
+    logp = torch.zeros(tokens.shape, device=tokens.device)
+    for half in (hide, ~hide):
+        logits = logits_fn(torch.where(half, mask_id, tokens), half.float().mean(1)).float()  # (B, n, K)
+        logp = torch.where(half, logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0], logp)
+    return logp
+
+
 @torch.no_grad()
 def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codebook_size: int, device,
            steps: int = 12, temperature: float = 1.0, randomness: float = 4.5, tokens: torch.Tensor | None = None,
@@ -75,8 +88,9 @@ def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codeb
     come from generators[b] alone, so a picture does not depend on the batch it is decoded in.
 
     Editing, from the code indices `tokens` (B, n) of an image: re-mask round(strength * R) of the R positions
-    of `region` (B, n) bool (None = all: image-to-image; the repainted cells: inpainting), chosen at random, and
-    decode them in ceil(strength * steps) steps, the schedule scaled to that count; every other token is kept."""
+    of `region` (B, n) bool (None = all: image-to-image; the repainted cells: inpainting), the least plausible
+    under the prompt first (`plausibility`: two more model calls), and decode them in ceil(strength * steps)
+    steps, the schedule scaled to that count; every other token is kept."""
     b, mask_id = len(generators), codebook_size
     steps = edit_steps(steps, strength)
     # Two uniforms per image, step and position, drawn up front: one picks the token (inverse CDF), one is the
@@ -89,6 +103,8 @@ def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codeb
         scores = torch.stack([torch.rand(n, generator=g) for g in generators]).to(device)  # (B, n)
         region = torch.ones_like(tokens, dtype=torch.bool) if region is None else region
         count = (strength * region.sum(1)).round().long()  # (B,)
+        if strength < 1:  # the least likely under the prompt first, the uniforms breaking ties
+            scores = plausibility(logits_fn, tokens.long(), mask_id, scores) + 1e-3 * scores
         rank = torch.where(region, scores, math.inf).argsort(dim=1).argsort(dim=1)
         masked = rank < count[:, None]
         tokens = torch.where(masked, mask_id, tokens.long())

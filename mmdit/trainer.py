@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -57,9 +58,15 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, 
         raise ValueError(f"dataset has {n} rows, fewer than one global batch of {global_batch}; "
                          "lower the batch size")
     epoch, b = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     start = b * global_batch + rank * batch_size
-    return perm[start:start + batch_size]
+    return _permutation(n, seed, epoch)[start:start + batch_size].clone()
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """An epoch's order of the n rows (n,), drawn once per epoch: at a million rows a draw costs more than
+    assembling the batch."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def lr_factor(step: int, cfg: StageConfig) -> float:
@@ -329,13 +336,15 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
         on_image: Callable[[int, torch.nn.Module], None] | None = None, ema: torch.nn.Module | None = None,
         ema_decay: float = 0.999, resume: str = "auto", data_state=None, mixed_precision: str = "no",
         after_step: Callable[[torch.nn.Module, bool], None] | None = None,
-        validate: Callable[[torch.nn.Module], dict] | None = None) -> torch.nn.Module:
+        validate: Callable[[torch.nn.Module], dict] | None = None,
+        log_extra: Callable[[int], dict] | None = None) -> torch.nn.Module:
     """Train `model` for `cfg.steps` optimizer steps, resuming from `out_dir/checkpoints` as `resume` says
     (see Checkpoints.resume); returns the model as a plain module with its whole weights. `ema`, a copy
     of the model, tracks an exponential moving average of its weights. `mixed_precision`: see
     mmdit/precision.py. `after_step(model, skipped)` runs after each optimizer step on every process with the
     live (unwrapped) model, e.g. for state the optimizer does not own (the VQ-VAE's codebook). `validate(model)`
-    runs at log steps on every process and returns scalars to log under `<name>/val_*`."""
+    runs at log steps on every process and returns scalars to log under `<name>/val_*`; `log_extra(step)` too (it
+    may be a collective), its scalars logged under `<name>/`."""
     weights = Weights(accelerator, name, model, cfg, out_dir, ema, data_state)
     model, optimizer, checkpoints = weights.model, weights.optimizer, weights.checkpoints
     start = weights.resume(resume)
@@ -377,6 +386,7 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
                            "samples_per_s": (done - tick_step) * cfg.batch_size * slots / (time.perf_counter() - tick)}
                 if validate is not None:
                     scalars.update({f"val_{k}": v for k, v in validation_logs(weights, validate, chosen).items()})
+                scalars.update(log_extra(done) if log_extra is not None else {})
                 accelerator.log({f"{name}/{k}": float(v) for k, v in scalars.items()}, step=done)
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
                 tick, tick_step = time.perf_counter(), done

@@ -67,7 +67,7 @@ TRAIN_CASES = [
     (["train.seed=-1"], "train.seed=-1; accepted: an integer from 0 to 2**32 - 1"),
     (["dit.depth=0"], "dit.depth=0; accepted: an integer >= 1"),
     (["vqvae.channel_mult=[]"], "vqvae.channel_mult=[]; accepted: a non-empty list of integers >= 1"),
-    (["data.name="], "data.name='': empty; accepted: shapes, a Hugging Face dataset name or a local dataset directory"),
+    (["data.name="], "data.name='': empty; accepted: shapes, scenes, a Hugging Face dataset name or a local dataset directory"),
     (["sample.sampler=ddim"], "sample.sampler='ddim'; accepted: euler, heun, maskgit"),
     (["data.resolution=30"], "data.resolution=30 is not divisible by the VQ-VAE downsampling 4 x the DiT patch "
                              "size 1 = 4; accepted: multiples of 4"),

@@ -79,7 +79,7 @@ def test_shipped_configs_load():
     (["vqvae.num_res_blocks=-1"], ["vqvae.num_res_blocks=-1; accepted: an integer >= 0"]),
     (["vqvae.channel_mult=[]"], ["vqvae.channel_mult=[]; accepted: a non-empty list of integers >= 1"]),
     (["vqvae.channel_mult=[1, 0]"], ["vqvae.channel_mult=[1, 0]; accepted: a non-empty list of integers >= 1"]),
-    (["data.name="], ["data.name='': empty; accepted: shapes, a Hugging Face dataset name or a local dataset"]),
+    (["data.name="], ["data.name='': empty; accepted: shapes, scenes, a Hugging Face dataset name or a local dataset"]),
     (["data.path=' '"], ["data.path=' ': empty; accepted: the directory of the shapes dataset"]),
     (["train.output_dir="], ["train.output_dir='': empty; accepted: a directory path"]),
 ])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mmdit.config import load_config
-from mmdit.evaluate import caption_set, cli, generate, groups, main as eval_main, merge, select_rows
+from mmdit.eval_captions import caption_set, select_rows
+from mmdit.evaluate import cli, generate, groups, main as eval_main, merge
 from mmdit.pipeline import TextToImagePipeline
 from test_clip import make_tiny_open_clip  # tests/ is on sys.path (rootdir conftest)
 

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 import logging
@@ -11,7 +12,7 @@ from PIL import Image
 
 from mmdit.data import DataConfig
 from mmdit.data.loader import (EMPTY_CAPTION, DataError, ImageCaptions, StreamingImageCaptions, caption_list,
-                               decode_image, open_split, pick_caption, split_captions)
+                               decode_image, ensure_dataset, open_split, pick_caption, split_captions)
 
 
 def _png(path, mode, size, color):
@@ -230,3 +231,18 @@ def test_exif_orientation_through_the_loader(tmp_path):
     _metadata(tmp_path, [{"file_name": "phone.jpg", "caption": "upright"}])
     image = ImageCaptions.from_split(DataConfig(name=str(tmp_path), resolution=8), "train", progress=False).images[0]
     assert image[0, 0].min() > 200 and image[2, -1].min() > 200  # top row red, bottom row blue
+
+
+@pytest.mark.parametrize("name", ["shapes", "scenes"])
+def test_a_generated_dataset_is_made_once_and_refused_when_the_config_asks_for_another(tmp_path, name):
+    cfg = DataConfig(name=name, path=str(tmp_path / name), num_images=24, resolution=32, holdout=[])
+    ensure_dataset(cfg)
+    info = tmp_path / name / f"{name}.json"
+    made = info.stat().st_mtime_ns
+    ensure_dataset(cfg)  # the same settings: kept as it is
+    assert info.stat().st_mtime_ns == made and len(ImageCaptions.from_split(cfg, "train", progress=False)) == 23
+    with pytest.raises(DataError, match=r"generated with num_images=24 \(asked: 40\).*another data.path"):
+        ensure_dataset(dataclasses.replace(cfg, num_images=40))
+    if name == "shapes":
+        with pytest.raises(DataError, match=r"partial_captions=0.0 \(asked: 0.5\)"):
+            ensure_dataset(dataclasses.replace(cfg, partial_captions=0.5))

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mmdit.masked import mask_ratio, mask_tokens, masked_loss, sample, still_masked
+from mmdit.masked import mask_ratio, mask_tokens, masked_loss, plausibility, sample, still_masked
 
 K, N = 16, 12
 
@@ -111,3 +111,17 @@ def test_the_sampled_tokens_follow_the_softmax_of_logits_over_temperature(temper
     assert share[1] == 0
     assert torch.allclose(share, expected, atol=0.03), (share, expected)
 
+
+
+def test_image_to_image_remasks_the_tokens_least_plausible_under_the_prompt_first():
+    fn = Recorder()
+    likely = fn.bias.argmax(-1)  # (N,): the prompt's favourite token at each position
+    tokens = likely.clone()[None]
+    off = torch.tensor([1, 5, 7, 10])  # positions holding a token the prompt finds unlikely
+    tokens[0, off] = fn.bias[off].argmin(-1)
+    assert torch.equal(plausibility(fn, tokens, K, torch.rand(1, N)).topk(4, largest=False).indices.sort().values[0],
+                       off)
+    fn.inputs.clear()
+    sample(fn, generators([0]), N, K, "cpu", steps=4, tokens=tokens, strength=4 / N)
+    remasked = fn.inputs[2][0] == K  # after the two plausibility calls: the first decoding step's input
+    assert remasked.nonzero()[:, 0].tolist() == off.tolist()

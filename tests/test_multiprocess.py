@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmdit.checkpoints import CheckpointError
+from mmdit.latents import LatentSplit
 from mmdit.trainer import batch_indices
 from train.train import main
 
@@ -104,9 +105,16 @@ def test_two_processes_match_one_process_and_write_once(tiny_run, tmp_path):
     one = tiny_run / "dit" / "checkpoints" / "step-00000010"
     two = root / "run" / "dit" / "checkpoints" / "step-00000010"
     assert_same_weights(one, two)  # the same global batch: equal up to float summation order
+    # The loss by noise level, summed over the processes at each log step (mmdit/loss_bins.py): the 1-process bins.
+    by_t = [json.loads((run / "dit" / "loss_by_t.json").read_text())["history"] for run in (tiny_run, root / "run")]
+    assert [h["count"] for h in by_t[0]] == [h["count"] for h in by_t[1]] and len(by_t[0]) == 2
+    for a, b in zip(by_t[0], by_t[1]):
+        filled = [i for i, c in enumerate(a["count"]) if c]  # an empty bin has no mean (None)
+        assert [b["mean"][i] for i in filled] == pytest.approx([a["mean"][i] for i in filled],
+                                                               rel=tolerance(1e-4, 5e-2))
 
     records = [json.loads((tmp_path / f"record-{rank}.json").read_text()) for rank in range(2)]
-    n = len(load_file(root / "run" / "latents" / "train.safetensors")["indices"])
+    n = len(LatentSplit(root / "run" / "latents", "train"))
     for step in range(10):  # each row of the global batch trained on once, by one process
         parts = [(shard, rows) for r in records for s, shard, rows in r["rows"] if s == step]
         assert sorted(shard for shard, _ in parts) == [0, 1, 2, 3]

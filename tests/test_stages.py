@@ -27,6 +27,9 @@ class FakeCaptionCache:
     def rows(self, captions):
         return torch.tensor([CAPTIONS.index(c) for c in captions])
 
+    def text(self, rows):
+        return {"hidden": self.hidden[rows].float(), "mask": self.mask[rows], "pooled": self.pooled[rows].float()}
+
 
 K = 10  # the masked tests' codebook size
 OBJECTIVES = ["flow", "masked"]
@@ -35,7 +38,7 @@ OBJECTIVES = ["flow", "masked"]
 def dit_batches(n: int = 40, batch_size: int = 4, cfg_dropout: float = 0.1, objective: str = "flow") -> DiTBatches:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, 4, 4, 4, generator=g) if objective == "flow" else torch.randint(0, K, (n, 4, 4), generator=g)
-    captions = [[CAPTIONS[1 + i % 3], CAPTIONS[1 + (i + 1) % 3]] for i in range(n)]
+    captions = torch.tensor([[1 + i % 3, 1 + (i + 1) % 3] for i in range(n)])  # caption-cache rows of two candidates
     return DiTBatches(x, captions, FakeCaptionCache(), DiTTrainConfig(batch_size=batch_size, cfg_dropout=cfg_dropout),
                       seed=3, device=torch.device("cpu"), objective=objective, codebook_size=K)
 
@@ -88,7 +91,7 @@ def test_loss_by_t_means_each_quarter():
 def test_validation_is_fixed_fills_every_bin_and_leaves_the_rng_alone(objective):
     batches = dit_batches(objective=objective)
     x_val = batches.x[:12].clone()
-    validation = Validation(x_val, [[c] for c in CAPTIONS[1:]] * 4, batches, size=8)
+    validation = Validation(x_val, torch.tensor([[1], [2], [3]] * 4), batches, size=8)
     t = torch.cat([c["t"] for c in validation.chunks])
     assert len(t) == 8 and len(validation.chunks) == 2 and (torch.histc(t, bins=4, min=0, max=1) == 2).all()
     model = tiny_dit(objective).eval()

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 import time
 import warnings
 
@@ -12,7 +13,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import (CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config,
                           T5EncoderModel)
 
-from mmdit.text_encoder import (DEFAULT_TEXT_ENCODER, CaptionCache, TextEncoder,
+from mmdit.text_encoder import (DEFAULT_TEXT_ENCODER, CaptionCache, CaptionCacheError, TextEncoder,
                                 TextEncoderLoadError, conditioning)
 
 CAPTIONS = ["a red circle", "", "two blue squares on green", "héllo wörld 🎉 日本"]
@@ -219,7 +220,7 @@ def test_cache_encodes_each_caption_once(minilm, seen, tmp_path):
     assert seen == ["a", "b", "c", "d"] and len(fresh) == 4
     for x, y in zip(again, first):
         assert torch.equal(x, y)
-    meta = json.loads((cache.dir / "meta.json").read_text())
+    meta = json.loads((cache.dir / "index.json").read_text())["key"]
     assert meta == {"encoder": minilm.id, "max_length": 32, "dim": 384}
 
 
@@ -236,25 +237,70 @@ def test_cache_rows_index_the_full_tensors(minilm, seen, tmp_path):
     rows = cache.encode_all(["x", "y", "x"])
     assert rows.dtype == torch.long and rows.tolist() == [0, 1, 0]
     assert torch.equal(cache.rows(["y", "x"]), torch.tensor([1, 0]))
-    assert cache.hidden.shape == (2, 32, 384) and cache.hidden.dtype == torch.bfloat16
-    assert cache.mask.shape == (2, 32) and cache.pooled.shape == (2, 384)
+    text = cache.text(torch.tensor([1, 0]))
+    assert text["hidden"].shape == (2, 32, 384) and torch.equal(text["hidden"], text["hidden"].bfloat16().float())
+    assert text["mask"].shape == (2, 32) and text["pooled"].shape == (2, 384)
     with pytest.raises(KeyError, match="encode_all"):
         cache.rows(["never seen"])
     assert seen == ["x", "y"]
 
 
-def test_cache_ignores_incomplete_shards(minilm, seen, tmp_path):
-    cache = CaptionCache(minilm, tmp_path, batch_size=1)
+def test_cache_rebuilds_damaged_and_unfinished_shards_into_the_same_rows(minilm, seen, tmp_path):
+    cache = CaptionCache(minilm, tmp_path, shard_rows=1)
     cache.encode_all(["p", "q", "r"])  # one shard per caption
-    (cache.dir / "shard-00001.json").unlink()  # crashed before its json was written
-    (cache.dir / "shard-00002.json").write_text(json.dumps(["r", "extra"]))  # row count mismatch
-    with pytest.warns(UserWarning, match="ignoring incomplete shard"):
-        fresh = CaptionCache(minilm, tmp_path, batch_size=1)
-    assert len(fresh) == 1 and "p" in fresh
-    fresh.get(["p", "q", "r"])
+    shards = sorted(cache.dir.glob("rows-*.safetensors"))
+    expected = {p.name: p.read_bytes() for p in shards}
+    shards[1].unlink()  # killed before its tensors were written: its sidecar keeps the plan
+    shards[2].write_bytes(expected[shards[2].name][:100])  # truncated
+    fresh = CaptionCache(minilm, tmp_path, shard_rows=1)
+    with pytest.warns(UserWarning, match=f"cache shard {shards[2]} is damaged"):
+        assert fresh.encode_all(["r", "p", "q"]).tolist() == [2, 0, 1]
     assert seen == ["p", "q", "r", "q", "r"]
-    # New shards never reuse a broken shard's index.
-    assert (cache.dir / "shard-00003.json").exists() and (cache.dir / "shard-00004.json").exists()
+    assert {p.name: p.read_bytes() for p in sorted(cache.dir.glob("rows-*.safetensors"))} == expected
+
+
+def test_cache_built_by_two_processes_equals_one_built_by_one(minilm, seen, tmp_path):
+    captions = [f"caption {i % 7}" for i in range(20)]
+    CaptionCache(minilm, tmp_path / "one", batch_size=1, shard_rows=2).encode_all(captions)
+    barrier = threading.Barrier(2)
+
+    def build(rank):
+        CaptionCache(minilm, tmp_path / "two", batch_size=1, shard_rows=2).encode_all(captions, rank, 2, barrier.wait)
+
+    threads = [threading.Thread(target=build, args=(rank,)) for rank in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == sorted(2 * [f"caption {i}" for i in range(7)])  # each distinct caption once per build
+    one, two = (sorted((tmp_path / d).glob("*/rows-*")) for d in ("one", "two"))
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 8
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
+    ids = {CaptionCache(minilm, tmp_path / "two").store.instance() for _ in range(2)}
+    assert len(ids) == 1 and ids != {CaptionCache(minilm, tmp_path / "one").store.instance()}
+
+
+def test_encode_at_writes_the_new_captions_at_the_rows_given_once(minilm, seen, tmp_path):
+    cache = CaptionCache(minilm, tmp_path)
+    cache.encode_all(["a", "b"])  # rows 0, 1
+    other = CaptionCache(minilm, tmp_path)  # another process, building its own part of a stream
+    other.encode_at(["c", "a", "c"], start=100)
+    cache.encode_at(["d", "c"], start=200)  # "c" is new to this process's view: encoded again, harmlessly
+    assert seen == ["a", "b", "c", "d", "c"]
+    cache.encode_at(["d", "e"], start=200)  # the shard at 200 is complete: resumed, nothing to do
+    fresh = CaptionCache(minilm, tmp_path)
+    assert fresh.rows(["a", "c", "d"]).tolist() == [0, 100, 200] and "e" not in fresh
+    assert torch.equal(fresh.get(["c"]).hidden, fresh.text(torch.tensor([201]))["hidden"])
+
+
+def test_cache_of_another_encoder_is_refused_in_one_line(minilm, tmp_path):
+    cache = CaptionCache(minilm, tmp_path)
+    index = json.loads((cache.dir / "index.json").read_text())
+    index["key"]["encoder"] = "someone-else"
+    (cache.dir / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CaptionCacheError, match="was built for {'encoder': 'someone-else'}") as e:
+        CaptionCache(minilm, tmp_path)
+    assert "\n" not in str(e.value)
 
 
 def test_cache_dir_depends_on_encoder_and_max_length(tiny_clip_dir, tmp_path):

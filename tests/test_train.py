@@ -6,12 +6,13 @@ import datasets
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from mmdit.data import DataConfig
 from mmdit.data.loader import DataError
 from mmdit import compat, precision
 from mmdit.config import StageConfig
+from mmdit.latents import LatentSplit
+from mmdit.text_encoder import CaptionCache, TextEncoder
 from mmdit.trainer import batch_indices, lr_factor
 from mmdit.vqvae import VQVAE
 from mmdit.data.stream import StreamBatches
@@ -65,13 +66,14 @@ def test_default_pipeline_tiny_end_to_end_and_resume(tmp_path, caplog):
     metrics = json.loads((run / "vqvae" / "metrics.json").read_text())
     assert {"psnr", "usage", "perplexity", "judge"} <= set(metrics)
     vqvae = VQVAE.from_pretrained(run / "vqvae" / "model")
-    indices = load_file(str(run / "latents" / "validation.safetensors"))["indices"]
+    indices = LatentSplit(run / "latents", "validation").indices[:]
     assert indices.shape[1:] == (8, 8) and int(indices.max()) < 32
     stats = json.loads((run / "latents" / "stats.json").read_text())
     assert len(stats["mean"]) == len(stats["std"]) == vqvae.cfg.code_dim
-    captions = json.loads((run / "latents" / "train.json").read_text())
-    assert len(captions["captions"]) == len(load_file(str(run / "latents" / "train.safetensors"))["indices"])
-    assert not any(h for h in captions["columns"]["holdout"])  # held-out combinations never reach training
+    train = LatentSplit(run / "latents", "train")
+    captions, columns = train.text()
+    assert len(captions) == len(train) == len(train.indices[:])
+    assert not any(columns["holdout"])  # held-out combinations never reach training
 
     shutil.rmtree(run / "vqvae" / "model")
     with caplog.at_level("INFO"):
@@ -118,8 +120,11 @@ def test_streaming_vqvae_stage_end_to_end_and_resume(tmp_path, caplog):
     main(tiny_args(tmp_path, *args, "vqvae_train.steps=3"))
     run = tmp_path / "run"
     assert json.loads((run / "vqvae/checkpoints/step-00000003/data_state_0.json").read_text())["0"]["epoch"] == 0
-    rows = json.loads((run / "latents" / "train.json").read_text())["captions"]
-    assert len(load_file(str(run / "latents" / "train.safetensors"))["indices"]) == len(rows) == 114
+    train = LatentSplit(run / "latents", "train")
+    assert len(train.indices[:]) == len(train.text()[0]) == 114
+    # The streamed split's captions were not read up front: its latent cache encoded them as it streamed.
+    cache = CaptionCache(TextEncoder(None, max_length=16), tmp_path / "cache" / "captions")
+    assert train.captions[:][:, 0].tolist() == cache.rows([c[0] for c in train.text()[0]]).tolist()
     with caplog.at_level("INFO"):
         main(tiny_args(tmp_path, *args, "vqvae_train.steps=5"))
     assert "vqvae: resumed from step 3" in caplog.text

@@ -22,6 +22,7 @@ from mmdit.cli import ArgumentParser, run_cli
 from mmdit.config import ConfigError, load_config
 from mmdit.data.loader import DataError
 from mmdit.runlock import RunLock, RunLocked
+from mmdit.shards import CacheError
 from mmdit.stages import check_inputs, run
 from mmdit.text_encoder import TextEncoderLoadError
 from mmdit.trainer import TrainingDiverged, stop_with_parent
@@ -52,7 +53,7 @@ def cli(argv: list[str] | None = None) -> int:
     SIGTERM / SIGINT after a checkpoint, resumable by the same command."""
     stop_with_parent()
     return run_cli(main, argv, user_errors=(ConfigError, DataError, TextEncoderLoadError, CheckpointError, RunLocked,
-                                              ExportError),
+                                              ExportError, CacheError),
                    failures=(TrainingDiverged, DiskFull))
 
 

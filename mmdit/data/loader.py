@@ -5,7 +5,7 @@
     stream = StreamingImageCaptions(cfg.data, "train", rank, world_size)  # too big for disk: yields images
 
 What `cfg.name` may be (the same path for all):
-- "shapes": the synthetic dataset in `cfg.path` (parquet, the hub's own layout);
+- "shapes" / "scenes": the synthetic datasets in `cfg.path` (parquet, the hub's own layout);
 - a local directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
 - a local directory that `datasets.load_dataset` understands: an `imagefolder` with `metadata.jsonl`
   (or `metadata.csv`) captions, or parquet / arrow files;
@@ -58,7 +58,7 @@ class DataError(ValueError):
 
 
 def dataset_source(cfg: DataConfig) -> str:
-    return cfg.path if cfg.name == "shapes" else cfg.name
+    return cfg.path if cfg.generated else cfg.name
 
 
 def _is_saved_to_disk(path: Path) -> bool:
@@ -80,7 +80,7 @@ def open_split(cfg: DataConfig, split: str) -> datasets.Dataset | datasets.Itera
             ds = read_metadata(metadata, path, cfg.caption_column)
         elif path.exists():
             ds = datasets.load_dataset(str(path), split=split, streaming=cfg.streaming)
-        elif cfg.name == "shapes" or source.startswith((".", "/", "~")):
+        elif cfg.generated or source.startswith((".", "/", "~")):
             raise DataError(f"dataset path {source!r} does not exist")
         else:
             ds = datasets.load_dataset(source, cfg.config_name, split=split, streaming=cfg.streaming)
@@ -353,12 +353,32 @@ class StreamingImageCaptions(torch.utils.data.IterableDataset):
 
 
 def ensure_dataset(cfg: DataConfig) -> None:
-    """Generate the embedded shapes dataset into `cfg.path` if it is not there yet."""
-    if cfg.name != "shapes" or (Path(cfg.path) / "shapes.json").is_file():
+    """Generate the embedded shapes or scenes dataset into `cfg.path` if it is not there yet; one generated
+    with other settings is refused (training on it would silently ignore the config)."""
+    info = Path(cfg.path) / f"{cfg.name}.json"
+    if not cfg.generated:
         return
-    from mmdit.data import shapes
+    if info.is_file():
+        check_generated(cfg, json.loads(info.read_text()))
+        return
+    from mmdit.data import scenes, shapes
 
-    shapes.generate(cfg.path, num_images=cfg.num_images, size=cfg.resolution, seed=cfg.seed, holdout=cfg.holdout)
+    if cfg.name == "shapes":
+        shapes.generate(cfg.path, num_images=cfg.num_images, size=cfg.resolution, seed=cfg.seed, holdout=cfg.holdout,
+                        partial_captions=cfg.partial_captions)
+    else:
+        scenes.generate(cfg.path, num_images=cfg.num_images, size=cfg.resolution, seed=cfg.seed, holdout=cfg.holdout)
+
+
+def check_generated(cfg: DataConfig, info: dict) -> None:
+    asked = {"size": cfg.resolution, "num_images": cfg.num_images, "seed": cfg.seed, "holdout": cfg.holdout}
+    if cfg.name == "shapes":
+        asked["partial_captions"] = cfg.partial_captions
+    found = {k: info.get(k, 0.0 if k == "partial_captions" else None) for k in asked}
+    if found != asked:
+        differ = ", ".join(f"{k}={found[k]!r} (asked: {v!r})" for k, v in asked.items() if found[k] != v)
+        raise DataError(f"{cfg.path} holds a {cfg.name} dataset generated with {differ}; accepted: the settings it "
+                        f"was made with, or another data.path (or delete {cfg.path} to generate it anew)")
 
 
 def split_captions(cfg: DataConfig, split: str) -> list[str]:

@@ -213,19 +213,28 @@ def sample_scenes(n: int, size: int = 64, seed=0, holdout: list[dict] = (), excl
     rng = np.random.default_rng(seed)
     rows = []
     for i in tqdm(range(n), disable=not progress, desc="scenes", unit="img"):
-        task = TASKS[i % len(TASKS)]
-        for _ in range(1000):
-            spec = sample_spec(rng, task)
-            objects = sample_scene(rng, spec, size)
-            held = matches_holdout(spec, objects, holdout)
-            if not (exclude_holdout and held):
-                break
-        else:
-            raise ValueError(f"the holdout combinations exclude every {task} scene")
-        caption = caption_for(spec, int(rng.integers(len(TEMPLATES[task]))))
-        rows.append(dict(image=render_scene(objects, size), caption=caption, task=task, spec=spec, objects=objects,
-                         holdout=held))
+        row = draw_row(rng, TASKS[i % len(TASKS)], size,
+                       lambda spec, objects: not (exclude_holdout and matches_holdout(spec, objects, holdout)))
+        rows.append(dict(row, holdout=matches_holdout(row["spec"], row["objects"], holdout)))
     return rows
+
+
+def draw_row(rng, task: str, size: int, accept, tries: int = 10_000) -> dict:
+    """A row (image, caption, task, spec, objects) of ``task`` whose spec and objects ``accept`` takes."""
+    for _ in range(tries):
+        spec = sample_spec(rng, task)
+        objects = sample_scene(rng, spec, size)
+        if accept(spec, objects):
+            break
+    else:
+        raise ValueError(f"no {task} scene drawn in {tries} tries fits: the holdout combinations exclude them all")
+    caption = caption_for(spec, int(rng.integers(len(TEMPLATES[task]))))
+    return dict(image=render_scene(objects, size), caption=caption, task=task, spec=spec, objects=objects)
+
+
+def truth_rows(columns: dict[str, list]) -> list[dict]:
+    """A loaded split's columns -> per row {"spec", "objects"} decoded from their JSON, as ``score`` reads them."""
+    return [{"spec": json.loads(s), "objects": json.loads(o)} for s, o in zip(columns["spec"], columns["objects"])]
 
 
 def _to_dataset(rows: list[dict]):

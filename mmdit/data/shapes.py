@@ -87,6 +87,22 @@ def caption_for(attrs: dict, template_index: int = 0, size_word: str | None = No
         position=attrs["position"], where=where, Where=where[0].upper() + where[1:])
 
 
+# Every non-empty proper subset of the attributes, in a fixed order: what a partial caption may name.
+PARTIAL = [tuple(a for j, a in enumerate(ATTRIBUTES) if mask >> j & 1) for mask in range(1, 2 ** len(ATTRIBUTES) - 1)]
+
+
+def partial_caption(attrs: dict, keep) -> str:
+    """A caption naming only the attributes in ``keep``, in template 0's order: "red", "a small circle at the
+    top" (no colour), "a red square", "on the left". Such captions put a bare colour (a negative prompt) and a
+    caption without one in the training distribution."""
+    words = " ".join(attrs[a] for a in ("size", "color", "shape") if a in keep)
+    if "shape" in keep:
+        words = "a " + words
+    if "position" in keep:
+        words += " " + WHERE.get(attrs["position"], "in the " + attrs["position"])
+    return words.strip()
+
+
 # ---------------------------------------------------------------- holdout
 
 
@@ -152,11 +168,12 @@ def render(attrs: dict, cx: float, cy: float, diameter: float, size: int = 32) -
 
 
 def sample_examples(n: int, size: int = 32, seed=0, holdout: list[dict] = (),
-                    exclude_holdout: bool = False, progress: bool = False) -> list[dict]:
+                    exclude_holdout: bool = False, progress: bool = False, partial: float = 0.0) -> list[dict]:
     """Render ``n`` random examples as dicts (PIL ``image``, ``caption``, attributes, ``holdout``).
 
     With ``exclude_holdout`` the attribute combinations are drawn uniformly from
     those not matching ``holdout``, which is rejection sampling without the loop.
+    A ``partial`` share of the captions name a random subset of the attributes (``partial_caption``).
     """
     rng = np.random.default_rng(seed)
     combos = [dict(shape=s, color=c, position=p, size=z)
@@ -170,6 +187,7 @@ def sample_examples(n: int, size: int = 32, seed=0, holdout: list[dict] = (),
     u = rng.random((n, 3))
     templates = rng.integers(len(TEMPLATES), size=n)
     synonyms = rng.integers(6, size=n)  # 6 = lcm of the synonym counts, so % stays uniform
+    partial_u, subsets = rng.random(n), rng.integers(len(PARTIAL), size=n)  # drawn last: partial=0 changes nothing
     rows = []
     for i in tqdm(range(n), disable=not progress, desc="shapes", unit="img"):
         attrs = combos[picks[i]]
@@ -181,7 +199,8 @@ def sample_examples(n: int, size: int = 32, seed=0, holdout: list[dict] = (),
         words = SIZE_WORDS[attrs["size"]]
         rows.append(dict(
             image=render(attrs, cx, cy, diameter, size),
-            caption=caption_for(attrs, templates[i], words[synonyms[i] % len(words)]),
+            caption=(partial_caption(attrs, PARTIAL[subsets[i]]) if partial_u[i] < partial
+                     else caption_for(attrs, templates[i], words[synonyms[i] % len(words)])),
             **attrs, holdout=matches_holdout(attrs, holdout)))
     return rows
 
@@ -228,8 +247,9 @@ def _to_dataset(rows: list[dict]):
 
 def generate(out_dir, num_images: int, size: int = 32, seed: int = 0,
              val_fraction: float = 0.05, holdout=(), overwrite: bool = False,
-             verbose: bool = True) -> dict:
-    """Write the dataset to ``out_dir`` atomically and return its info dict."""
+             verbose: bool = True, partial_captions: float = 0.0) -> dict:
+    """Write the dataset to ``out_dir`` atomically and return its info dict. ``partial_captions``: the share
+    of train captions naming a subset of the attributes (validation captions name all four: the judge's truth)."""
     holdout = list(holdout)
     holdout_attrs = [parse_holdout(h) for h in holdout]
     n_val = round(num_images * val_fraction)
@@ -237,7 +257,7 @@ def generate(out_dir, num_images: int, size: int = 32, seed: int = 0,
     start = time.perf_counter()
     info = {"version": VERSION, "size": size, "seed": seed, "num_images": num_images,
             "val_fraction": val_fraction, "holdout": holdout, "holdout_attrs": holdout_attrs,
-            "counts": counts, "vocab": VOCAB}
+            "counts": counts, "vocab": VOCAB, "partial_captions": partial_captions}
 
     def fill(tmp: Path) -> None:
         (tmp / "data").mkdir()
@@ -246,7 +266,8 @@ def generate(out_dir, num_images: int, size: int = 32, seed: int = 0,
                 continue  # datasets refuses to load a split file with no rows
             # Separate streams: validation does not change when the holdout does.
             rows = sample_examples(counts[split], size, [seed, split_id], holdout_attrs,
-                                   exclude_holdout=split == "train", progress=verbose)
+                                   exclude_holdout=split == "train", progress=verbose,
+                                   partial=partial_captions if split == "train" else 0.0)
             _to_dataset(rows).to_parquet(str(tmp / "data" / f"{split}-00000-of-00001.parquet"))
         (tmp / "shapes.json").write_text(json.dumps(info, indent=2) + "\n")
 
@@ -364,9 +385,12 @@ def main(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--holdout", action="append", default=[],
                    help='combination kept out of train, e.g. "yellow triangle" (repeatable)')
+    p.add_argument("--partial-captions", type=float, default=0.0,
+                   help="share of train captions naming a subset of the attributes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     a = p.parse_args(argv)
-    generate(a.out, a.num_images, a.size, a.seed, a.val_fraction, a.holdout, a.overwrite)
+    generate(a.out, a.num_images, a.size, a.seed, a.val_fraction, a.holdout, a.overwrite,
+             partial_captions=a.partial_captions)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
 """Streamed training data (data.streaming=true): batches drawn from per-process shards of a dataset that is
-never all in memory, with a position a checkpoint can hold; and the latent cache of a streamed split."""
+never all in memory, with a position a checkpoint can hold; and the latent cache of a streamed split, built by
+every process from its own part of the stream."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import Counter
 
 import torch
+from datasets.distributed import split_dataset_by_node
 
 from mmdit import latents
 from mmdit.data import DataConfig
-from mmdit.data.loader import DataError, ImageCaptions, StreamingImageCaptions, iter_examples, open_split
+from mmdit.data.loader import DataError, StreamingImageCaptions, iter_examples, open_split
+from mmdit.shards import ShardStore
+from mmdit.text_encoder import CaptionCache
 from mmdit.vqvae import VQVAE
+
+STREAM_CAPTIONS = 8  # candidate captions kept per row of a streamed split (its longest list is not known up front)
 
 
 class StreamBatches:
@@ -59,20 +66,34 @@ class StreamBatches:
 
 
 @torch.no_grad()
-def encode_stream(vqvae: VQVAE, cfg: DataConfig, split: str) -> tuple[torch.Tensor, ImageCaptions]:
-    """The latent cache of a streamed split, 256 images at a time: code indices (N, h, w) and the captions and
-    columns of each row (an ImageCaptions without images); the split's images are never all in memory."""
-    indices, captions, columns, chunk = [], [], {}, []
-    rows = iter_examples(open_split(dataclasses.replace(cfg, streaming=True), split), cfg, Counter(),
-                         desc=f"latent cache: {split}")
-    for image, caps, extra in rows:
-        chunk.append(image)
-        captions.append(caps)
-        for key, value in extra.items():
-            columns.setdefault(key, []).append(value)
-        if len(chunk) == 256:
-            indices.append(latents.encode_images(vqvae, torch.stack(chunk)))
-            chunk = []
-    if chunk:
-        indices.append(latents.encode_images(vqvae, torch.stack(chunk)))
-    return torch.cat(indices), ImageCaptions(torch.empty(0, 3, 0, 0, dtype=torch.uint8), captions, columns)
+def fill_stream(vqvae: VQVAE, cfg: DataConfig, split: str, store: ShardStore, cache: CaptionCache, rank: int = 0,
+                world_size: int = 1, shard_rows: int = latents.SHARD_ROWS, caption_base: int | None = None) -> int:
+    """The latent cache of a streamed split, built by every process from its own part of the stream
+    (split_dataset_by_node), shard by shard as it goes (one shard of images in memory at a time). Process
+    `rank`'s k-th shard holds rows from (k * world_size + rank) * shard_rows on: no process waits for another's
+    count, and the row space has a gap after each process's last, short shard, which readers skip
+    (ShardReader.dense). A shard already complete is not encoded again. With `caption_base`, the captions are
+    not read up front: each shard's new captions are encoded into the caption cache as it goes, at caption rows
+    from caption_base on, laid out like the shards (stride: shard_rows x candidates per row).
+    -> the number of shards encoded."""
+    width, encoded = store.columns["captions"][0][0], 0
+    part = split_dataset_by_node(open_split(dataclasses.replace(cfg, streaming=True), split), rank, world_size)
+    rows = iter_examples(part, cfg, Counter(), desc="" if rank else f"latent cache: {split}")
+    images, captions, columns, k = [], [], {}, 0  # the shard being filled
+    for image, caps, extra in itertools.chain(rows, [(None, None, None)]):
+        if image is not None:
+            images.append(image)
+            captions.append(caps)
+            for key, value in extra.items():
+                columns.setdefault(key, []).append(value)
+        if len(images) == shard_rows or (image is None and images):
+            start = (k * world_size + rank) * shard_rows
+            if not store.complete(start, start + len(images), verify=True, sidecar=True):
+                if caption_base is not None:
+                    cache.encode_at([c for caps in captions for c in caps[:width]], caption_base + start * width)
+                store.write(start, {"indices": latents.encode_images(vqvae, torch.stack(images)),
+                                    "captions": latents.candidate_rows(captions, cache, width)},
+                            sidecar={"captions": captions, "columns": columns})
+                encoded += 1
+            images, captions, columns, k = [], [], {}, k + 1
+    return encoded

@@ -77,7 +77,7 @@ def run(cfg: Config) -> None:
     accelerator.init_trackers("tensorboard")
     cache = cache_captions(cfg, accelerator)
     if cfg.train.stage in ("all", "vqvae"):
-        train_vqvae(cfg, accelerator, out)
+        train_vqvae(cfg, accelerator, out, cache)
     accelerator.wait_for_everyone()
     if cfg.train.stage in ("all", "dit"):
         train_dit(cfg, accelerator, out, cache)

@@ -20,7 +20,9 @@ from mmdit.data.loader import pick_caption
 from mmdit.dit import DiT
 from mmdit.flow import flow_loss, sample_t
 from mmdit.grid import save_grid
+from mmdit.loss_bins import LossByT, bin_sums
 from mmdit.masked import mask_tokens, masked_loss
+from mmdit.model_card import write_model_card
 from mmdit.pipeline import PipelineInfo, TextToImagePipeline
 from mmdit.pixels import to_pil
 from mmdit.sampling import SampleOptions
@@ -42,22 +44,31 @@ class DiTBatches:
     replays it exactly, and 2 processes of 16 (or 2 accumulated micro-batches of 16) train on exactly what
     1 process of 32 does."""
 
-    def __init__(self, x: torch.Tensor, captions: list[list[str]], cache: CaptionCache, cfg: DiTTrainConfig,
-                 seed: int, device: torch.device, objective: str = "flow", codebook_size: int = 0):
-        self.x = x.to(device)
-        self.captions, self.cache, self.cfg, self.seed, self.device = captions, cache, cfg, seed, device
+    def __init__(self, x, captions, cache: CaptionCache, cfg: DiTTrainConfig, seed: int, device: torch.device,
+                 objective: str = "flow", codebook_size: int = 0, null_row: int | None = None):
+        # x: the clean data of each row, indexable by rows (a tensor, or a latents.Column read from the cache)
+        # captions: each row's candidate captions as caption-cache rows (N, K), -1 padded (a tensor or a Column)
+        self.x, self.captions, self.cache, self.cfg, self.seed, self.device = x, captions, cache, cfg, seed, device
         self.objective, self.mask_id = objective, codebook_size  # [MASK] is the id after the last code
-        self.hidden, self.mask, self.pooled = (t.to(device) for t in (cache.hidden, cache.mask, cache.pooled))
-        self.null_row = int(cache.rows([""])[0])
+        self.null_row = int(cache.rows([""])[0]) if null_row is None else null_row
+        self.null = self.text(torch.tensor([self.null_row]))  # the empty caption's conditioning, (1, ...) each
 
     def text(self, rows: torch.Tensor) -> dict:
         """The conditioning of caption-cache rows (B,): hidden (B, L, D), mask (B, L), pooled (B, D)."""
-        return {"hidden": self.hidden[rows].float(), "mask": self.mask[rows], "pooled": self.pooled[rows].float()}
+        return {k: v.to(self.device) for k, v in self.cache.text(rows.cpu()).items()}
+
+    def pick(self, rows: torch.Tensor, step: int) -> torch.Tensor:
+        """The caption-cache row of one candidate caption per image (B,), as pick_caption picks it."""
+        candidates = self.captions[rows]  # (B, K), the real ones first
+        counts, picked = (candidates >= 0).sum(1), candidates[:, 0].clone()
+        for j in (counts > 1).nonzero()[:, 0].tolist():  # only images with a choice draw
+            picked[j] = pick_caption(candidates[j, :counts[j]].tolist(), self.seed, step, int(rows[j]))
+        return picked
 
     def draws(self, n: int, g: torch.Generator, t: torch.Tensor | None = None) -> dict:
         """The objective's random inputs of n images: t (n,) (flow's time, or masked's u; drawn unless given)
         and noise (n, d, h, w) (flow) or scores (n, h * h) (masked)."""
-        shape, device = self.x.shape[1:], self.device
+        shape, device = torch.Size(self.x.shape[1:]), self.device
         if self.objective == "flow":
             t = sample_t(n, self.cfg.t_mean, self.cfg.t_std, device=device, generator=g) if t is None else t
             return {"t": t, "noise": torch.randn((n, *shape), generator=g, device=device)}
@@ -71,9 +82,10 @@ class DiTBatches:
         n, part = bs * num_slots, slice(slot * bs, (slot + 1) * bs)
         drop = torch.rand(n, generator=g, device=device)[part] < self.cfg.cfg_dropout
         draws = {k: v[part] for k, v in self.draws(n, g).items()}
-        text_rows = self.cache.rows([pick_caption(self.captions[i], self.seed, step, i) for i in rows.tolist()])
-        text_rows = torch.where(drop, self.null_row, text_rows.to(device))
-        return {"x0": self.x[rows.to(device)], **draws, **self.text(text_rows)}
+        # The dropout is applied on the device, to rows read on the CPU: no device-to-host copy, no sync.
+        text = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), self.null[k], v)
+                for k, v in self.text(self.pick(rows, step)).items()}
+        return {"x0": self.x[rows].to(device), **draws, **text}
 
     def losses(self, model: DiT, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (the per-sample loss (B,), each sample's noise level (B,): flow's t, or the share of codes masked)."""
@@ -85,17 +97,20 @@ class DiTBatches:
         logits = model(inputs.view_as(batch["x0"]), ratio, *text, where=masked.view_as(batch["x0"]))  # (M, K)
         return masked_loss(logits, codes, masked, self.cfg.label_smoothing), ratio
 
+    by_t: LossByT | None = None  # set by train_dit: the loss by noise level between log steps
+
     def train_loss(self, model: DiT, batch: dict) -> tuple[torch.Tensor, dict]:
         per_sample, t = self.losses(model, batch)
+        if self.by_t is not None:
+            self.by_t.add(per_sample, t)
         return per_sample.mean(), loss_by_t(per_sample, t)
 
 
 def loss_by_t(per_sample: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
     """The mean loss in each of T_BINS equal ranges of t, as `loss_t0` (t near 0: fine detail, or few codes
     masked) and up."""
-    bins = (t * T_BINS).long().clamp(max=T_BINS - 1)
-    sums = torch.zeros(T_BINS, device=bins.device).index_add_(0, bins, per_sample.detach().float())
-    per_bin = sums / torch.bincount(bins, minlength=T_BINS).clamp(min=1)
+    sums, counts = bin_sums(per_sample, t, T_BINS)
+    per_bin = sums / counts.clamp(min=1)
     return {f"loss_t{i}": per_bin[i] for i in range(T_BINS)}
 
 
@@ -105,16 +120,17 @@ class Validation:
     alike, the other draws from a fixed seed. The same batch at every log step: its curve shows learning, not
     the draw."""
 
-    def __init__(self, x: torch.Tensor, captions: list[list[str]], batches: DiTBatches, size: int = 256):
+    def __init__(self, x, captions, batches: DiTBatches, size: int = 256):
+        # x, captions: as DiTBatches takes them, of the validation split
         n, device = min(size, len(x)), batches.device
         t = (torch.arange(n, dtype=torch.float32, device=device) + 0.5) / n
         draws = batches.draws(n, torch.Generator(device).manual_seed(0), t)
-        rows = batches.cache.rows([c[0] for c in captions[:n]]).to(device)
+        rows = captions[torch.arange(n)][:, 0]  # each image's first caption
         self.batches, self.chunks = batches, []
         for i in range(0, n, batches.cfg.batch_size):
             part = slice(i, min(n, i + batches.cfg.batch_size))
-            self.chunks.append({"x0": x[part].to(device), **{k: v[part] for k, v in draws.items()},
-                                **batches.text(rows[part])})
+            self.chunks.append({"x0": x[torch.arange(part.start, part.stop)].to(device),
+                                **{k: v[part] for k, v in draws.items()}, **batches.text(rows[part])})
 
     def __call__(self, model: DiT) -> dict[str, torch.Tensor]:
         per_sample, t = (torch.cat(parts) for parts in zip(*(self.batches.losses(model, c) for c in self.chunks)))
@@ -137,11 +153,13 @@ def train_dit(cfg: Config, accelerator: Accelerator, out: Path, cache: CaptionCa
     set_seed(cfg.train.seed)  # the same DiT initialisation with train.stage=all or dit
     vqvae = VQVAE.from_pretrained(out / "vqvae" / "model").to(device)
     norm = latents.LatentNorm.load(out / "latents")
-    split = {}
-    for name in (cfg.data.train_split, cfg.data.val_split):
-        indices, meta = latents.load_split(out / "latents", name)  # (N, h, w) code indices, captions
-        x = latents.diffusion_latents(vqvae, indices, norm) if objective == "flow" else indices.long()
-        split[name] = (x, meta["captions"])
+    vqvae_id, split = latents.weights_id(out / "vqvae" / "model"), {}
+    for name in (cfg.data.train_split, cfg.data.val_split):  # rows read from the cache, batch by batch
+        cached = latents.LatentSplit(out / "latents", name, latents.split_key(vqvae_id, cache, name, None, 0))
+        x = cached.indices.map(lambda idx: idx.long())  # masked: code indices (B, h, w)
+        if objective == "flow":  # normalised code vectors (B, d, h, w)
+            x = cached.indices.map(latents.FlowLatents(vqvae, norm), (vqvae.cfg.code_dim, *cached.indices.shape[1:]))
+        split[name] = (x, cached.captions)
     batches = DiTBatches(*split[cfg.data.train_split], cache, tcfg, cfg.train.seed, device, objective,
                          vqvae.cfg.codebook_size)
     check_enough_rows(len(batches.x), tcfg.batch_size * accelerator.num_processes * tcfg.gradient_accumulation_steps,
@@ -149,7 +167,7 @@ def train_dit(cfg: Config, accelerator: Accelerator, out: Path, cache: CaptionCa
     validation = Validation(*split[cfg.data.val_split], batches)
 
     dit_cfg = cfg.dit.for_data(in_channels=vqvae.cfg.code_dim, input_size=batches.x.shape[-1],
-                               text_dim=batches.hidden.shape[-1], codebook_size=vqvae.cfg.codebook_size)
+                               text_dim=cache.encoder.dim, codebook_size=vqvae.cfg.codebook_size)
     dit = DiT(dit_cfg)
     if objective == "masked":
         dit.init_codes(norm.normalise(vqvae.quantizer.codes().detach()[:, :, None, None])[:, :, 0, 0].cpu())
@@ -163,10 +181,14 @@ def train_dit(cfg: Config, accelerator: Accelerator, out: Path, cache: CaptionCa
 
     log.info(f"dit: {objective}, {dit_cfg.mode}, {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters, "
              f"{len(batches.x)} latents of {tuple(batches.x.shape[1:])}, {tcfg.steps} steps of {tcfg.batch_size}")
+    batches.by_t = LossByT(device, axis="t" if objective == "flow" else "mask ratio")
+    reduce = (lambda x: accelerator.reduce(x, "sum")) if accelerator.num_processes > 1 else None
     fit(accelerator, "dit", dit, tcfg, batches, batches.train_loss, out / "dit", on_image, ema=ema,
         ema_decay=tcfg.ema_decay, resume=cfg.train.resume, mixed_precision=cfg.train.mixed_precision,
-        validate=validation)
+        validate=validation, log_extra=lambda step: batches.by_t.read(step, reduce))
     if accelerator.is_main_process:
+        batches.by_t.save(out / "dit", objective)  # loss_by_t.json and .png: the bins of every log step
         pipe.save_pretrained(out)
         sample_grid(pipe, cache, tcfg.sample_prompts, cfg.sample, out / "samples.png")
-        log.info(f"dit: exported the pipeline to {out}; samples in {out / 'samples.png'}")
+        write_model_card(out, accelerator)  # README.md, and training.json: the time and hardware, known only now
+        log.info(f"dit: exported the pipeline to {out}; samples in {out / 'samples.png'}, model card README.md")

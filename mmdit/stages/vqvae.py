@@ -17,11 +17,13 @@ from mmdit import latents
 from mmdit.config import Config
 from mmdit.data import DataConfig
 from mmdit.data.loader import ImageCaptions
-from mmdit.data.shapes import ATTRIBUTES, judge_accuracy
-from mmdit.data.stream import StreamBatches, encode_stream
+from mmdit.data import scenes, shapes
+from mmdit.data.stream import STREAM_CAPTIONS, StreamBatches, fill_stream
 from mmdit.grid import save_grid
 from mmdit.pixels import to_float, to_pil
+from mmdit.shards import ShardStore
 from mmdit.stages import check_enough_rows
+from mmdit.text_encoder import CaptionCache
 from mmdit.trainer import batch_indices, fit
 from mmdit.vqvae import VQVAE, code_stats, psnr
 
@@ -70,35 +72,53 @@ def recon_grid(model: VQVAE, images: torch.Tensor, path: Path) -> Path:
 
 
 def fill_latent_cache(vqvae: VQVAE, cfg: DataConfig, directory: Path, train: ImageCaptions | None,
-                      val: ImageCaptions) -> torch.Tensor:
-    """Encode both splits into the latent cache (a streamed train split chunk by chunk) and measure the latent
+                      val: ImageCaptions, cache: CaptionCache, vqvae_id: str, accelerator: Accelerator | None = None
+                      ) -> torch.Tensor:
+    """Encode both splits into the latent cache, every process its own shards (of a streamed train split: of its
+    own part of the stream, shard by shard), skipping the shards already complete, and measure the latent
     normalisation on the train split; -> the validation code indices (N, h, w)."""
-    if train is None:
-        train_idx, train = encode_stream(vqvae, cfg, cfg.train_split)
-    else:
-        train_idx = latents.encode_images(vqvae, train.images, desc="latent cache: train")
-    val_idx = latents.encode_images(vqvae, val.images, desc="latent cache: validation")
-    latents.save_split(directory, cfg.train_split, train_idx, train)
-    latents.save_split(directory, cfg.val_split, val_idx, val)
-    latents.LatentNorm.measure(vqvae, train_idx).save(directory)
-    return val_idx
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    barrier = accelerator.wait_for_everyone if accelerator else (lambda: None)
+    h = cfg.resolution // vqvae.cfg.downsample
+    for split, data in ((cfg.train_split, train), (cfg.val_split, val)):
+        width = STREAM_CAPTIONS if data is None else max(len(c) for c in data.captions)
+        key = latents.split_key(vqvae_id, cache, split, None if data is None else len(data), width)
+        if rank == 0:  # a cache of another VQ-VAE, text encoder or dataset size is replaced
+            store = ShardStore(directory / split, key, latents.split_columns(h, width), reset=True)
+            if data is None and "caption_base" not in store.meta:  # a stream's captions: rows of their own
+                store.set_meta(caption_base=cache.end())
+        barrier()
+        store = ShardStore(directory / split, key)
+        if data is None:
+            fill_stream(vqvae, cfg, split, store, cache, rank, world, caption_base=store.meta["caption_base"])
+        else:
+            latents.fill_split(vqvae, data, store, cache, rank, world)
+        barrier()
+        if rank == 0:  # complete now: its row count (a stream's, with gaps between processes' parts, known only now)
+            store.set_meta(rows=len(data) if data is not None else len(store.reader()))
+    barrier()
+    if rank == 0:
+        latents.LatentNorm.measure(vqvae, latents.LatentSplit(directory, cfg.train_split).indices).save(directory)
+    return latents.LatentSplit(directory, cfg.val_split).indices[:]
 
 
 @torch.no_grad()
-def validation_metrics(vqvae: VQVAE, val: ImageCaptions, val_idx: torch.Tensor, judge: bool) -> dict:
+def validation_metrics(vqvae: VQVAE, val: ImageCaptions, val_idx: torch.Tensor, dataset: str) -> dict:
     """Reconstruction PSNR, codebook usage and perplexity on the validation split, from its cached code indices;
-    with `judge` (shapes), the share of reconstructions the shapes judge reads as their caption says."""
+    on the generated `dataset`s (shapes, scenes), the share of reconstructions their judge reads as drawn."""
     recon = torch.cat([vqvae.decode_indices(val_idx[i:i + 256].long()).cpu() for i in range(0, len(val_idx), 256)])
     real = to_float(val.images)
     counts = torch.bincount(val_idx.flatten().long(), minlength=vqvae.cfg.codebook_size).float()
     metrics = {"psnr": psnr(real, recon).mean().item(), **{k: v.item() for k, v in code_stats(counts).items()}}
-    if judge:
-        truth = [dict(zip(ATTRIBUTES, values)) for values in zip(*(val.columns[a] for a in ATTRIBUTES))]
-        metrics["judge"] = judge_accuracy(to_pil(recon), truth)
+    if dataset == "shapes":
+        truth = [dict(zip(shapes.ATTRIBUTES, values)) for values in zip(*(val.columns[a] for a in shapes.ATTRIBUTES))]
+        metrics["judge"] = shapes.judge_accuracy(to_pil(recon), truth)
+    elif dataset == "scenes":  # every object found where it was drawn, and GenEval's verdict on each row's spec
+        metrics["judge"] = scenes.judge_accuracy(to_pil(recon), scenes.truth_rows(val.columns))
     return metrics
 
 
-def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path) -> None:
+def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path, cache: CaptionCache) -> None:
     """Stage 1: train the tokenizer on the train split, export it, then fill the latent cache."""
     tcfg = cfg.vqvae_train
     set_seed(cfg.train.seed)  # a stage's result must not depend on what ran before it in this process
@@ -122,11 +142,16 @@ def train_vqvae(cfg: Config, accelerator: Accelerator, out: Path) -> None:
                 lambda step, model: recon_grid(model, fixed, out / "vqvae" / f"recon-{step:06d}.png"),
                 resume=cfg.train.resume, data_state=stream, mixed_precision=cfg.train.mixed_precision,
                 after_step=lambda model, skipped: model.quantizer.update(skipped))
+    vqvae.eval()
+    if accelerator.is_main_process:
+        vqvae.save_pretrained(out / "vqvae" / "model")
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:  # every process encodes with exactly the exported weights (FSDP too)
+        vqvae = VQVAE.from_pretrained(out / "vqvae" / "model").to(accelerator.device)
+    vqvae_id = latents.weights_id(out / "vqvae" / "model")
+    val_idx = fill_latent_cache(vqvae, cfg.data, out / "latents", train, val, cache, vqvae_id, accelerator)
     if not accelerator.is_main_process:
         return
-    vqvae.eval()
-    vqvae.save_pretrained(out / "vqvae" / "model")
-    val_idx = fill_latent_cache(vqvae, cfg.data, out / "latents", train, val)
-    metrics = validation_metrics(vqvae, val, val_idx, judge=cfg.data.name == "shapes")
+    metrics = validation_metrics(vqvae, val, val_idx, cfg.data.name)
     (out / "vqvae" / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info(f"vqvae: validation {json.dumps(metrics)}")

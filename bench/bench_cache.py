@@ -1,0 +1,171 @@
+"""Benchmark the sharded, memory-mapped caches at scale: build a synthetic cache of N rows, then train the DiT
+from it.
+
+    python bench/bench_cache.py --rows 1000000 [--procs 2] [--dir /tmp/bench-cache] [--steps 50] [--keep]
+
+The build runs the real code paths (CaptionCache.encode_all planning and sharding, ShardStore writes, caption
+rows resolved per latent row) with random stand-ins for the models, at the default shapes (configs/shapes.yaml:
+16 caption tokens of 384 in bf16, 8x8 codes of 1024): `--procs` build processes, each encoding its share of
+the caption shards and of the latent shards, as the text and vqvae stages do. Captions are deduplicated as web
+captions are: 30% of the rows take one of 1,000 stock captions ("a photo", ...), the rest are their own.
+Then, in this process (which built nothing), the DiT stage's batches (DiTBatches through the maps, flow
+objective) train the default DiT for `--steps` steps on one thread; batch assembly is also timed alone.
+Prints build rows/s (caption rows and latent rows), batch-assembly samples/s (per second of wall time, and per
+second of the process's CPU time: one core's rate on a shared machine), DiT steps/s, and the peak RSS of the
+builders and of the trainer (ru_maxrss).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import _common  # noqa: F401  (the repository root on sys.path, like the other benchmarks)
+import torch
+
+from mmdit import latents
+from mmdit.config import load_config
+from mmdit.dit import DiT
+from mmdit.shards import ShardStore, split_rows
+from mmdit.stages.dit import DiTBatches
+from mmdit.text_encoder import CaptionCache, TextEmbeddings
+from mmdit.trainer import batch_indices
+from mmdit.vqvae import VQVAE
+
+CFG = load_config(_common.DEFAULT_CONFIG)
+L, D, H = CFG.text_encoder.max_length, 384, CFG.data.resolution // 4  # 16 tokens of 384; 8x8 codes
+
+
+class RandomEncoder:
+    """A stand-in for the text encoder: fixed-length random states (bf16-exact) per caption."""
+    id, max_length, dim = "random-bench-encoder", L, D
+
+    def __call__(self, captions):
+        g = torch.Generator().manual_seed(len(captions))
+        n = len(captions)
+        return TextEmbeddings(torch.randn(n, L, D, generator=g), torch.ones(n, L, dtype=torch.bool),
+                              torch.randn(n, D, generator=g))
+
+
+def caption(i: int) -> str:
+    """Row i's caption: 30% one of 1,000 stock captions, the rest distinct."""
+    h = (i * 2654435761) % 4294967296
+    return f"stock caption {h % 1000}" if h % 10 < 3 else f"a photo of thing number {i}, seen from afar"
+
+
+def build(rank: int, world: int, rows: int, root: Path, barrier, times) -> None:
+    """One build process: its share of the caption shards, then of the latent shards."""
+    torch.set_num_threads(1)
+    cache = CaptionCache(RandomEncoder(), root / "captions")
+    start = time.perf_counter()
+    captions = [caption(i) for i in range(rows)] + [""] if rank == 0 else []
+    cache.encode_all(captions, rank, world, barrier.wait)
+    del captions
+    times.put(("captions", rank, time.perf_counter() - start))
+    start = time.perf_counter()
+    key = latents.split_key("random-bench-vqvae", cache, "train", rows, 1)
+    if rank == 0:
+        ShardStore(root / "latents" / "train", key, latents.split_columns(H, 1), reset=True)
+    barrier.wait()
+    store = ShardStore(root / "latents" / "train", key)
+    for lo, hi in split_rows(0, rows, latents.SHARD_ROWS)[rank::world]:
+        g = torch.Generator().manual_seed(lo)
+        texts = [[caption(i)] for i in range(lo, hi)]
+        store.write(lo, {"indices": torch.randint(0, 1024, (hi - lo, H, H), dtype=torch.int32, generator=g),
+                         "captions": latents.candidate_rows(texts, cache, 1)},
+                    sidecar={"captions": texts, "columns": {}})
+    barrier.wait()
+    if rank == 0:
+        store.set_meta(rows=rows, null_row=int(cache.rows([""])[0]))
+    times.put(("latents", rank, time.perf_counter() - start))
+
+
+def run_builders(rows: int, procs: int, root: Path) -> dict:
+    ctx = mp.get_context("spawn")
+    barrier, times = ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=build, args=(r, procs, rows, root, barrier, times)) for r in range(procs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+        if w.exitcode:
+            raise SystemExit(f"build process failed with exit code {w.exitcode}")
+    out: dict = {}
+    while not times.empty():
+        what, _, seconds = times.get()
+        out[what] = max(out.get(what, 0.0), seconds)
+    return out
+
+
+def train(rows: int, root: Path, steps: int) -> dict:
+    """The DiT stage's reading path: DiTBatches over the maps; batch assembly timed alone, then `steps` steps."""
+    torch.manual_seed(0)
+    cache = CaptionCache(RandomEncoder(), root / "captions")
+    cached = latents.LatentSplit(root / "latents", "train")
+    vqvae = VQVAE(CFG.vqvae).eval()
+    norm = latents.LatentNorm([0.0] * CFG.vqvae.code_dim, [1.0] * CFG.vqvae.code_dim)
+    x = cached.indices.map(latents.FlowLatents(vqvae, norm), (CFG.vqvae.code_dim, H, H))
+    tcfg = CFG.dit_train
+    batches = DiTBatches(x, cached.captions, cache, tcfg, 0, torch.device("cpu"), "flow",
+                         null_row=cached.store.meta["null_row"])
+    batches(0, 0, 1)  # the epoch's permutation, drawn once
+    n_assemble = 200
+    start, cpu = time.perf_counter(), time.process_time()
+    for step in range(1, n_assemble + 1):
+        batches(step, 0, 1)
+    samples = n_assemble * tcfg.batch_size
+    # per second of wall time, and per second of this process's CPU time: what one core sustains, whatever
+    # else the machine runs (reads waiting on the disk count in the first, not in the second)
+    assemble = samples / (time.perf_counter() - start), samples / (time.process_time() - cpu)
+
+    dit = DiT(CFG.dit.for_data(in_channels=CFG.vqvae.code_dim, input_size=H, text_dim=D, codebook_size=1024))
+    opt = torch.optim.AdamW(dit.parameters(), lr=tcfg.lr)
+    start = time.perf_counter()
+    for step in range(steps):
+        loss, _ = batches.train_loss(dit, batches(n_assemble + 1 + step, 0, 1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert len(batch_indices(0, rows, tcfg.batch_size, 0)) == tcfg.batch_size
+    return {"assemble": assemble, "steps_per_s": steps / (time.perf_counter() - start), "loss": loss.item()}
+
+
+def size(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2 ** 30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--procs", type=int, default=1, help="build processes")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--dir", type=Path, default=None, help="where the cache is built (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the cache (and reuse it: a rerun builds nothing)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    root = args.dir or Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    try:
+        build_s = run_builders(args.rows, args.procs, root)
+        build_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+        result = train(args.rows, root, args.steps)
+        train_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        print(f"machine: {_common.machine()}")
+        print(f"rows {args.rows}, {args.procs} build process(es); cache on disk: captions "
+              f"{size(root / 'captions'):.2f} GiB, latents {size(root / 'latents'):.3f} GiB")
+        print(f"build: captions {args.rows / build_s['captions']:.0f} rows/s ({build_s['captions']:.1f} s), "
+              f"latents {args.rows / build_s['latents']:.0f} rows/s ({build_s['latents']:.1f} s)")
+        print(f"batch assembly: {result['assemble'][0]:.0f} samples/s, {result['assemble'][1]:.0f} samples per CPU "
+              f"second (batch {CFG.dit_train.batch_size}, 1 thread)")
+        print(f"DiT: {args.steps} steps at {result['steps_per_s']:.2f} steps/s, last loss {result['loss']:.3f}")
+        print(f"peak RSS: builders {build_rss:.2f} GiB (largest process), trainer {train_rss:.2f} GiB")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
