@@ -27,7 +27,6 @@ CLI: ``python -m mmdit.data.scenes --out DIR --num-images N [--size 64] [--holdo
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -363,15 +362,9 @@ def judge_accuracy(images, rows: list[dict]) -> dict[str, float]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--num-images", type=int, required=True)
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p = shapes.generation_parser(__doc__, 64)
     p.add_argument("--holdout", action="append", help="binding, count or relation kept out of train "
                    f"(repeatable; default: {', '.join(DEFAULT_HOLDOUT)})")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     a = p.parse_args(argv)
     generate(a.out, a.num_images, a.size, a.seed, a.val_fraction, a.holdout or DEFAULT_HOLDOUT, a.overwrite)
 

@@ -376,18 +376,24 @@ def judge_accuracy(images, truth: list[dict]) -> dict[str, float]:
     return acc
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def generation_parser(doc: str, size: int) -> argparse.ArgumentParser:
+    """The command line the generated datasets share (shapes, scenes); each adds its --holdout and its own."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output dataset directory")
     p.add_argument("--num-images", type=int, required=True)
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--size", type=int, default=size, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    return p
+
+
+def main(argv=None):
+    p = generation_parser(__doc__, 32)
     p.add_argument("--holdout", action="append", default=[],
                    help='combination kept out of train, e.g. "yellow triangle" (repeatable)')
     p.add_argument("--partial-captions", type=float, default=0.0,
                    help="share of train captions naming a subset of the attributes")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     a = p.parse_args(argv)
     generate(a.out, a.num_images, a.size, a.seed, a.val_fraction, a.holdout, a.overwrite,
              partial_captions=a.partial_captions)
