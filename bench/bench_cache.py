@@ -113,7 +113,7 @@ def train(rows: int, root: Path, steps: int) -> dict:
     batches = DiTBatches(x, cached.captions, cache, tcfg, 0, torch.device("cpu"), "flow",
                          null_row=cached.store.meta["null_row"])
     batches(0, 0, 1)  # the epoch's permutation, drawn once
-    n_assemble = 200
+    n_assemble = 1000
     start, cpu = time.perf_counter(), time.process_time()
     for step in range(1, n_assemble + 1):
         batches(step, 0, 1)

@@ -51,7 +51,6 @@ class DiTBatches:
         self.x, self.captions, self.cache, self.cfg, self.seed, self.device = x, captions, cache, cfg, seed, device
         self.objective, self.mask_id = objective, codebook_size  # [MASK] is the id after the last code
         self.null_row = int(cache.rows([""])[0]) if null_row is None else null_row
-        self.null = self.text(torch.tensor([self.null_row]))  # the empty caption's conditioning, (1, ...) each
 
     def text(self, rows: torch.Tensor) -> dict:
         """The conditioning of caption-cache rows (B,): hidden (B, L, D), mask (B, L), pooled (B, D)."""
@@ -78,13 +77,14 @@ class DiTBatches:
     def __call__(self, step: int, slot: int, num_slots: int) -> dict:
         device, bs = self.device, self.cfg.batch_size
         rows = batch_indices(step, len(self.x), bs, self.seed, slot, num_slots)
-        g = torch.Generator(device).manual_seed(self.seed * 1_000_003 + step * 1009)
         n, part = bs * num_slots, slice(slot * bs, (slot + 1) * bs)
-        drop = torch.rand(n, generator=g, device=device)[part] < self.cfg.cfg_dropout
+        # The caption dropout is drawn on the CPU and picks the empty caption's cache row before the rows are
+        # read: no device sync, and no pass over the states to blank them.
+        seed = self.seed * 1_000_003 + step * 1009
+        drop = torch.rand(n, generator=torch.Generator().manual_seed(seed))[part] < self.cfg.cfg_dropout
+        text = self.text(torch.where(drop, self.null_row, self.pick(rows, step)))
+        g = torch.Generator(device).manual_seed(seed)
         draws = {k: v[part] for k, v in self.draws(n, g).items()}
-        # The dropout is applied on the device, to rows read on the CPU: no device-to-host copy, no sync.
-        text = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), self.null[k], v)
-                for k, v in self.text(self.pick(rows, step)).items()}
         return {"x0": self.x[rows].to(device), **draws, **text}
 
     def losses(self, model: DiT, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
