@@ -78,7 +78,7 @@ def multi_cpu() -> bool:
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, guidance_list: bool = False) -> None:
-    """--steps, --guidance, --sampler, --seed, --temperature, --randomness: each defaults to the run's saved sampling options (mmdit/sampling.py).
+    """--steps, --guidance, --sampler, --seed, --temperature, --randomness, --negative-guidance: each defaults to the run's saved sampling options (mmdit/sampling.py).
     `guidance_list`: --guidance stays a string, one scale or a comma-separated list (the eval's sweep,
     mmdit/sweep.py parses it)."""
     parser.add_argument("--steps", type=int, help=f"sampler steps (1 to {MAX_STEPS}; default: the run's)")
@@ -91,12 +91,15 @@ def add_sampling_args(parser: argparse.ArgumentParser, guidance_list: bool = Fal
     parser.add_argument("--temperature", type=float, help="masked: softmax temperature of the drawn tokens "
                         "(default: the run's)")
     parser.add_argument("--randomness", type=float, help="masked: Gumbel noise on the confidences (default: the run's)")
+    parser.add_argument("--negative-guidance", type=float, help="how far guidance steps away from the negative "
+                        "prompt (default: the run's, 1; guidance - 1 = the negative in the empty prompt's place)")
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:
     """ValueError, naming the flag, for a sampling flag that is given and out of range."""
     for flag, value, check in (("--steps", args.steps, check_steps), ("--guidance", args.guidance, check_guidance),
                                ("--seed", args.seed, check_seed), ("--temperature", args.temperature,
-                               check_temperature), ("--randomness", args.randomness, check_randomness)):
+                               check_temperature), ("--randomness", args.randomness, check_randomness),
+                               ("--negative-guidance", args.negative_guidance, check_guidance)):
         if value is not None:
             check(flag, value)

@@ -10,7 +10,7 @@ row's choices made by (seed, row, task) alone (`pick`), so any N, batch size or 
   pasted result (Edit.paste_back, the pipeline's rule), PSNR outside the mask the raw decode against the input
   (pasted, it would be infinite), next to the VQ-VAE's own reconstruction, its ceiling.
 - negative prompt: a caption naming shape, size and position but no colour, sampled twice with the same noise:
-  with the empty unconditional branch, and with a colour as the negative prompt. Reported: the share of images
+  without, and with a colour as the negative prompt. Reported: the share of images
   that are not of that colour, and the shape / size / position accuracy, both times.
 
     gens = generations(cs.truth, cs.real, seed)          # what to sample: prompts, edits, negative prompts
@@ -60,7 +60,7 @@ class Generation:
     prompts: list[str]
     truth: list[dict]  # the attributes the judge should read (negative prompt: the real image's)
     edit: Edit | None = None  # images to edit, one per prompt
-    negatives: list[str] | None = None  # guidance's unconditional branch, one per prompt; None = ""
+    negatives: list[str] | None = None  # negative prompts, one per prompt; None = ""
 
 
 def pick(values: list[str], seed: int, index: int, task: str, avoid: str | None = None) -> str:

@@ -251,7 +251,7 @@ def evaluate_at(guidance: float | None, out: Path, args, cfg, run: Path, pipe: T
     """Sample and score at one guidance scale (None: the run's) and write `out` -> the report (main process)."""
     clip, fid, cache_dir = scorers
     options = pipe.options(args.steps, guidance, args.seed, args.sampler, temperature=args.temperature,
-                           randomness=args.randomness)
+                           randomness=args.randomness, negative_guidance_scale=args.negative_guidance)
     start = time.perf_counter()
     s = sample_all(pipe, cfg, cs, options, args, state)
     if not state.is_main_process:

@@ -30,9 +30,13 @@ def flow_loss(velocity: VelocityFn, x0: torch.Tensor, t: torch.Tensor, noise: to
     return (velocity(x_t, t) - (noise - x0)).float().pow(2).flatten(1).mean(1)
 
 
-def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: v_uncond + scale * (v_cond - v_uncond); scale 1 = the conditional model."""
-    return v_uncond + scale * (v_cond - v_uncond)
+def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float, v_negative: torch.Tensor | None = None,
+                negative_scale: float = 1.0) -> torch.Tensor:
+    """Classifier-free guidance: v_uncond + scale * (v_cond - v_uncond); scale 1 = the conditional model. With a
+    negative prompt's prediction, also - negative_scale * (v_negative - v_uncond) (composable guidance);
+    negative_scale = scale - 1 is the negative prompt in place of the unconditional one."""
+    guided = v_uncond + scale * (v_cond - v_uncond)
+    return guided if v_negative is None else guided - negative_scale * (v_negative - v_uncond)
 
 
 @torch.no_grad()

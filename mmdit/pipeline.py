@@ -167,30 +167,31 @@ class TextToImagePipeline:
 
     @torch.no_grad()
     def generate(self, text: TextEmbeddings, null: TextEmbeddings, options: SampleOptions | None = None,
-                 first_index: int = 0, edit: Edit | None = None) -> torch.Tensor:
-        """Embedded prompts (B, L, D) + the unconditional branch of guidance, the empty prompt (1, L, D) or
-        negative prompts (B, L, D) -> images (B, 3, H, W) in [-1, 1], sampled as `options` say (None = the
-        run's), from `edit`'s images where given (mmdit/editing.py). Image i's random draws depend only on
-        (options.seed, first_index + i): a prompt's picture does not depend on how the prompts are batched or
-        sharded."""
+                 first_index: int = 0, edit: Edit | None = None, negative: TextEmbeddings | None = None
+                 ) -> torch.Tensor:
+        """Embedded prompts (B, L, D) + the unconditional branch of guidance, the empty prompt (1, L, D), and
+        optionally negative prompts (B or 1, L, D) -> images (B, 3, H, W) in [-1, 1], sampled as `options` say
+        (None = the run's), from `edit`'s images where given (mmdit/editing.py). Image i's random draws depend
+        only on (options.seed, first_index + i): a prompt's picture does not depend on how the prompts are
+        batched or sharded."""
         cfg = self.dit.cfg
         options = (options or self.info.sample).for_objective(cfg.objective)
         device = next(self.dit.parameters()).device
         b, h = len(text.hidden), cfg.input_size
         generators = [torch.Generator().manual_seed(noise_seed(options.seed, first_index + i)) for i in range(b)]
-        text, null = conditioning(text), conditioning(null)  # what it trained on, from the cache or the encoder
-        guide = options.guidance != 1.0
-        # Conditional and unconditional predictions in one batch of 2B.
-        hidden = torch.cat([text.hidden, null.hidden.expand(b, -1, -1)]) if guide else text.hidden
-        mask = torch.cat([text.mask, null.mask.expand(b, -1)]) if guide else text.mask
-        pooled = torch.cat([text.pooled, null.pooled.expand(b, -1)]) if guide else text.pooled
-        hidden, mask, pooled = hidden.to(device), mask.to(device), pooled.to(device)
+        # what it trained on, from the cache or the encoder; conditional, unconditional (and negative)
+        # predictions in one batch of 2B (3B)
+        branches = [conditioning(e) for e in (text, null, negative) if e is not None]
+        branches = branches[:1] if options.guidance == 1.0 and negative is None else branches
+        hidden, mask, pooled = (torch.cat([getattr(e, k).expand(b, *getattr(e, k).shape[1:]) for e in branches])
+                                .to(device) for k in ("hidden", "mask", "pooled"))
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # the velocity or the logits, guided
-            if not guide:
-                return self.dit(x, t, hidden, mask, pooled)
-            cond, uncond = self.dit(torch.cat([x, x]), torch.cat([t, t]), hidden, mask, pooled).chunk(2)
-            return cfg_combine(cond, uncond, options.guidance)
+            n = len(branches)
+            out = self.dit(torch.cat([x] * n), torch.cat([t] * n), hidden, mask, pooled).chunk(n)
+            if n == 1:
+                return out[0]
+            return cfg_combine(out[0], out[1], options.guidance, out[2] if n == 3 else None, options.negative_guidance)
 
         strength, cells, start = 1.0, None, (None, None)  # start: the input's (latents, code indices)
         if edit is not None:
@@ -216,13 +217,14 @@ class TextToImagePipeline:
 
     def options(self, num_steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
                 sampler: str | None = None, snap_to_codes: bool | None = None, temperature: float | None = None,
-                randomness: float | None = None) -> SampleOptions:
+                randomness: float | None = None, negative_guidance_scale: float | None = None) -> SampleOptions:
         """The run's sampling options with the arguments that are not None instead, each checked by its name, and
         the objective's defaults where neither gives one."""
         for name, value, check in (("num_steps", num_steps, check_steps), ("seed", seed, check_seed),
                                    ("guidance_scale", guidance_scale, check_guidance),  # inf gives black images
                                    ("temperature", temperature, check_temperature),
-                                   ("randomness", randomness, check_randomness)):
+                                   ("randomness", randomness, check_randomness),
+                                   ("negative_guidance_scale", negative_guidance_scale, check_guidance)):
             if value is not None:
                 check(name, value)
         if sampler is not None and sampler not in ALL_SAMPLERS:
@@ -231,24 +233,26 @@ class TextToImagePipeline:
             raise ValueError(f"snap_to_codes={snap_to_codes!r}; accepted: True, False or None (the run's)")
         return self.info.sample.override(steps=num_steps, guidance=guidance_scale, seed=seed, sampler=sampler,
                                          snap_to_codes=snap_to_codes, temperature=temperature,
-                                         randomness=randomness).for_objective(self.dit.cfg.objective)
+                                         randomness=randomness, negative_guidance=negative_guidance_scale
+                                         ).for_objective(self.dit.cfg.objective)
 
     def __call__(self, prompts: list[str], negative_prompt: str | list[str] | None = None, image=None,
                  strength: float | None = None, mask_image=None, num_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, sampler: str | None = None,
                  batch_size: int = 64, snap_to_codes: bool | None = None, temperature: float | None = None,
-                 randomness: float | None = None, paste_unmasked: bool = True) -> list[Image.Image]:
+                 randomness: float | None = None, paste_unmasked: bool = True,
+                 negative_guidance_scale: float | None = None) -> list[Image.Image]:
         """Prompts -> PIL images. An argument left at None takes the run's saved sampling options
         (`pipe.info.sample`: the `sample:` section it trained with).
 
-        negative_prompt: a string or one per prompt, the unconditional branch of guidance ("" = none, as by
-        default). image (a PIL image or one per prompt): image-to-image, from noise level `strength` (default
+        negative_prompt: a string or one per prompt that guidance steps away from, negative_guidance_scale
+        (default 1) times, beside the empty prompt ("" = none, as by default). image (a PIL image or one per prompt): image-to-image, from noise level `strength` (default
         0.6); with mask_image (white = repaint): inpainting (strength default 1), the input's pixels pasted back
         outside the mask unless paste_unmasked=False. The rules: mmdit/editing.py."""
         prompts = check_prompts(prompts)
         check_int("batch_size", batch_size)
         options = self.options(num_steps, guidance_scale, seed, sampler, snap_to_codes, temperature,
-                               randomness)  # before the encoder loads
+                               randomness, negative_guidance_scale)  # before the encoder loads
         negatives = per_prompt("negative_prompt", "" if negative_prompt is None else negative_prompt, len(prompts),
                                "a string")
         bad = next((i for i, p in enumerate(negatives) if not isinstance(p, str)), None)
@@ -263,10 +267,10 @@ class TextToImagePipeline:
 
     def generate_rows(self, prompts: list[str], negatives: list[str], options: SampleOptions, rows: slice,
                       edit: Edit | None = None) -> torch.Tensor:
-        """The images of prompts[rows] (B, 3, H, W) in [-1, 1], each with its negative prompt (the unconditional
-        branch) and, where given, edit's image: one batch of `__call__`, or of a shard in mmdit.evaluate."""
+        """The images of prompts[rows] (B, 3, H, W) in [-1, 1], each with its negative prompt and, where given,
+        edit's image: one batch of `__call__`, or of a shard in mmdit.evaluate."""
         text = self.text_encoder(list(prompts[rows]))
-        negative = negatives[rows]
-        uncond = self.text_encoder(negative[:1] if len(set(negative)) == 1 else negative)  # one row serves all
-        return self.generate(text, uncond, options, first_index=rows.start,
-                             edit=None if edit is None else edit.select(rows))
+        negative = negatives[rows]  # all "": no negative branch; all the same: one row serves all
+        negative = self.text_encoder(negative[:1] if len(set(negative)) == 1 else negative) if any(negative) else None
+        return self.generate(text, self.text_encoder([""]), options, first_index=rows.start,
+                             edit=None if edit is None else edit.select(rows), negative=negative)

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> Path:
     n = args.num_images
     chosen = dict(num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, sampler=args.sampler,
                   snap_to_codes=False if args.no_snap else None, temperature=args.temperature,
-                  randomness=args.randomness)  # None = the run's
+                  randomness=args.randomness, negative_guidance_scale=args.negative_guidance)  # None = the run's
     print(f"sampling: {pipe.options(**chosen)}")
     edit = dict(negative_prompt=args.negative_prompt, image=image, mask_image=mask, strength=args.strength)
     images = pipe([p for p in args.prompt for _ in range(n)], **edit, **chosen)

@@ -48,6 +48,10 @@ class SampleOptions:
     temperature: float = 0.7  # masked: tokens are drawn from softmax(logits / temperature); below 1 trades
     # variety for cleaner shapes and fewer stray codes (docs/models.md has the sweep)
     randomness: float = 4.5  # masked: Gumbel noise on the confidences (MaskGIT's 4.5), annealed to 0
+    # How far guidance steps away from a negative prompt, beside the empty prompt: guided = u + guidance (c - u)
+    # - negative_guidance (n - u). guidance - 1 puts the negative in the empty prompt's place (diffusers' form);
+    # at flow's guidance 4 that pushes 3x away and breaks the layout (docs/editing.md has the measurement).
+    negative_guidance: float = 1.0
 
     def __post_init__(self):  # names as in the config file; the CLIs and the pipeline check their own names first
         if self.steps is not None:
@@ -61,6 +65,7 @@ class SampleOptions:
             raise ValueError(f"sample.snap_to_codes={self.snap_to_codes!r}; accepted: true or false")
         check_temperature("sample.temperature", self.temperature)
         check_randomness("sample.randomness", self.randomness)
+        check_guidance("sample.negative_guidance", self.negative_guidance)
 
     def override(self, **changes) -> "SampleOptions":
         """A copy with the `changes` that are not None (a flag not given, an argument left at None)."""

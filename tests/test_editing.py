@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -113,7 +115,7 @@ def test_flow_inpainting_keeps_the_known_latents_on_their_path():
     assert not torch.allclose(out.masked_select(~known), x0.masked_select(~known))
 
 
-def test_an_empty_negative_prompt_is_the_default_and_a_negative_prompt_is_the_unconditional_branch(pipe, monkeypatch):
+def test_an_empty_negative_prompt_is_the_default_and_a_negative_prompt_is_a_third_branch(pipe, monkeypatch):
     prompts = ["a red circle", "a small blue square in the bottom right"]
     plain = pipe(prompts, num_steps=2, seed=3)
     assert [im.tobytes() for im in pipe(prompts, negative_prompt="", num_steps=2, seed=3)] == \
@@ -123,9 +125,27 @@ def test_an_empty_negative_prompt_is_the_default_and_a_negative_prompt_is_the_un
                                                                                                          *rest))
     negatives = ["blue", "red"]
     pipe(prompts, negative_prompt=negatives, num_steps=2, seed=3, guidance_scale=3.0)
-    expected = pipe.text_encoder(negatives).hidden.to(torch.bfloat16).float()
-    assert torch.equal(seen[0][:2], pipe.text_encoder(prompts).hidden.to(torch.bfloat16).float())
-    assert torch.equal(seen[0][2:], expected)  # each prompt's own negative, in the unconditional half
+    embedded = [pipe.text_encoder(p).hidden.to(torch.bfloat16).float() for p in (prompts, ["", ""], negatives)]
+    assert torch.equal(seen[0], torch.cat(embedded))  # conditional, empty, each prompt's own negative
+    seen.clear()
+    pipe(prompts, negative_prompt="blue", num_steps=2, seed=3, guidance_scale=1.0)
+    assert len(seen[0]) == 6  # at guidance 1 a negative prompt still acts: it is a term of its own
+
+
+def test_a_negative_prompt_weighted_zero_changes_nothing(pipe, monkeypatch):
+    forward = pipe.dit.forward  # the tiny model barely reads its text: make its prediction depend on it
+
+    def reading(x, t, hidden, *rest, **kw):
+        out = forward(x, t, hidden, *rest, **kw)
+        ramp = torch.linspace(0, 1, out.shape[-1])  # along the last axis: masked logits move apart, not together
+        return out + 30 * hidden.mean((1, 2)).view(-1, *[1] * (out.dim() - 1)) * ramp
+    monkeypatch.setattr(pipe.dit, "forward", reading)
+    text, null, negative = (pipe.text_encoder(p) for p in (["a red circle", "a green square"], [""], ["blue", "red"]))
+    options = pipe.options(num_steps=3, seed=2, guidance_scale=3.0, negative_guidance_scale=0.0)
+    plain = pipe.generate(text, null, options)  # two branches
+    assert torch.allclose(pipe.generate(text, null, options, negative=negative), plain, atol=1e-4)  # three
+    pushed = pipe.generate(text, null, replace(options, negative_guidance=1.0), negative=negative)
+    assert not torch.allclose(pushed, plain, atol=1e-2)
 
 
 def test_batching_and_sharding_do_not_change_an_edited_image(pipe):
@@ -174,6 +194,8 @@ def test_outpainting_places_the_image_on_a_larger_canvas_and_paints_the_border(p
                                                                r"accepted: a mask of the image's aspect ratio"),
     (dict(image=[picture()] * 3), r"image has 3 items for 2 prompts; accepted: a PIL image, or a list of one"),
     (dict(negative_prompt=["red"]), r"negative_prompt has 1 items for 2 prompts; accepted: a string, or a list"),
+    (dict(negative_prompt="red", negative_guidance_scale=-1), r"negative_guidance_scale=-1; accepted: a finite "
+                                                              r"number >= 0"),
     (dict(image=np.zeros((32, 32, 3))), r"image\[0\] is a ndarray; accepted: a PIL image"),
 ])
 def test_bad_edit_arguments_get_one_clear_error(tiny_run, kwargs, message):

@@ -58,3 +58,14 @@ def test_sampler_times_and_bad_arguments():
         sample(lambda x, t: x, torch.zeros(1), steps=0)
     with pytest.raises(ValueError, match="accepted: euler, heun"):
         sample(lambda x, t: x, torch.zeros(1), sampler="ddim")
+
+
+def test_guidance_with_a_negative_prompt_steps_away_from_it_beside_the_empty_prompt():
+    g = torch.Generator().manual_seed(0)
+    cond, uncond, negative = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    assert torch.equal(cfg_combine(cond, uncond, 4.0, uncond), cfg_combine(cond, uncond, 4.0))
+    one = cfg_combine(cond, uncond, 4.0, negative)  # the default: one unit away from the negative
+    assert torch.allclose(one, uncond + 4 * (cond - uncond) - (negative - uncond), atol=1e-5)
+    # guidance - 1 units: the negative prompt in the empty prompt's place (diffusers' form)
+    assert torch.allclose(cfg_combine(cond, uncond, 4.0, negative, 3.0), negative + 4 * (cond - negative),
+                          atol=1e-5)
