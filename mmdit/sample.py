@@ -9,8 +9,8 @@ One row per prompt, `--num-images` samples per row; `--prompt ""` samples uncond
 default to the options the run was trained with (its `sample:` section, saved in pipeline.json).
 Editing (mmdit/editing.py has the rules): `--image` alone is image-to-image from noise level `--strength`
 (default 0.6), with `--mask` (white = repaint) inpainting; each row then starts with the input and the mask as the
-model sees them (resized and centre-cropped to its resolution). `--negative-prompt` is the unconditional branch of
-guidance for every prompt.
+model sees them (resized and centre-cropped to its resolution). `--negative-prompt` is what guidance steps away
+from for every prompt, `--negative-guidance` times (default 1), beside the empty prompt.
 """
 from __future__ import annotations
 
