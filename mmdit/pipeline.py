@@ -246,9 +246,10 @@ class TextToImagePipeline:
         (`pipe.info.sample`: the `sample:` section it trained with).
 
         negative_prompt: a string or one per prompt that guidance steps away from, negative_guidance_scale
-        (default 1) times, beside the empty prompt ("" = none, as by default). image (a PIL image or one per prompt): image-to-image, from noise level `strength` (default
-        0.6); with mask_image (white = repaint): inpainting (strength default 1), the input's pixels pasted back
-        outside the mask unless paste_unmasked=False. The rules: mmdit/editing.py."""
+        (default 1) times, beside the empty prompt ("" = none, as by default). image (a PIL image or one per
+        prompt): image-to-image, from noise level `strength` (default 0.6); with mask_image (white = repaint):
+        inpainting (strength default 1), the input's pixels pasted back outside the mask unless
+        paste_unmasked=False. The rules: mmdit/editing.py."""
         prompts = check_prompts(prompts)
         check_int("batch_size", batch_size)
         options = self.options(num_steps, guidance_scale, seed, sampler, snap_to_codes, temperature,

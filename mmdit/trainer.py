@@ -79,8 +79,8 @@ def _epoch_order(n: int, key: int, chunk: int) -> torch.Tensor:
 def permute(i: torch.Tensor, n: int, key: int, rounds: int = 4) -> torch.Tensor:
     """Position i (B,) of a pseudo-random permutation of range(n), drawn from `key`, computed for these positions
     alone: no table of n entries (a LAION-sized epoch's order would take GBs on every process), O(B) per batch.
-    A Feistel network is a bijection of the 2^(2h) integers >= n; values that land at n or above are mapped
-    again (cycle-walking) until they fall below n, which keeps it a bijection of range(n)."""
+    A Feistel network is a bijection of range(2^(2h)), the smallest such range holding n; values that land at n
+    or above are mapped again (cycle-walking) until they fall below n, which keeps it a bijection of range(n)."""
     h = np.uint64(max(1, (max(n - 1, 1).bit_length() + 1) // 2))  # half the bits: 2^(2h) < 4n
     mask, m32, mult, s16 = (np.uint64(1) << h) - np.uint64(1), np.uint64(0xFFFFFFFF), np.uint64(0x45D9F3B), np.uint64(16)
     keys = np.frombuffer(hashlib.blake2b(str(key).encode(), digest_size=4 * rounds).digest(), np.uint32).astype(np.uint64)
