@@ -8,8 +8,10 @@ rows resolved per latent row) with random stand-ins for the models, at the defau
 16 caption tokens of 384 in bf16, 8x8 codes of 1024): `--procs` build processes, each encoding its share of
 the caption shards and of the latent shards, as the text and vqvae stages do. Captions are deduplicated as web
 captions are: 30% of the rows take one of 1,000 stock captions ("a photo", ...), the rest are their own.
-Then, in this process (which built nothing), the DiT stage's batches (DiTBatches through the maps, flow
-objective) train the default DiT for `--steps` steps on one thread; batch assembly is also timed alone.
+Then, in this process (which built nothing), the DiT stage's own path: DiTBatches through the maps (flow
+objective; the empty caption's row looked up as the stage does) trains the default DiT for `--steps` steps on
+one thread, batch assembly is also timed alone, and a sample grid of the default prompts is drawn from the
+cache (`sample_grid`, 2 sampler steps).
 Prints build rows/s (caption rows and latent rows), batch-assembly samples/s (per second of wall time, and per
 second of the process's CPU time: one core's rate on a shared machine), DiT steps/s, and the peak RSS of the
 builders and of the trainer (ru_maxrss).
@@ -31,7 +33,9 @@ from mmdit import latents
 from mmdit.config import load_config
 from mmdit.dit import DiT
 from mmdit.shards import ShardStore, split_rows
-from mmdit.stages.dit import DiTBatches
+from mmdit.pipeline import PipelineInfo, TextToImagePipeline
+from mmdit.sampling import SampleOptions
+from mmdit.stages.dit import DiTBatches, sample_grid
 from mmdit.text_encoder import CaptionCache, TextEmbeddings
 from mmdit.trainer import batch_indices
 from mmdit.vqvae import VQVAE
@@ -62,7 +66,8 @@ def build(rank: int, world: int, rows: int, root: Path, barrier, times) -> None:
     torch.set_num_threads(1)
     cache = CaptionCache(RandomEncoder(), root / "captions")
     start = time.perf_counter()
-    captions = [caption(i) for i in range(rows)] + [""] if rank == 0 else []
+    # as the text stage plans them: the empty caption and the sample prompts first
+    captions = ["", *CFG.dit_train.sample_prompts] + [caption(i) for i in range(rows)] if rank == 0 else []
     cache.encode_all(captions, rank, world, barrier.wait)
     del captions
     times.put(("captions", rank, time.perf_counter() - start))
@@ -80,7 +85,7 @@ def build(rank: int, world: int, rows: int, root: Path, barrier, times) -> None:
                     sidecar={"captions": texts, "columns": {}})
     barrier.wait()
     if rank == 0:
-        store.set_meta(rows=rows, null_row=int(cache.rows([""])[0]))
+        store.set_meta(rows=rows)
     times.put(("latents", rank, time.perf_counter() - start))
 
 
@@ -110,8 +115,7 @@ def train(rows: int, root: Path, steps: int) -> dict:
     norm = latents.LatentNorm([0.0] * CFG.vqvae.code_dim, [1.0] * CFG.vqvae.code_dim)
     x = cached.indices.map(latents.FlowLatents(vqvae, norm), (CFG.vqvae.code_dim, H, H))
     tcfg = CFG.dit_train
-    batches = DiTBatches(x, cached.captions, cache, tcfg, 0, torch.device("cpu"), "flow",
-                         null_row=cached.store.meta["null_row"])
+    batches = DiTBatches(x, cached.captions, cache, tcfg, 0, torch.device("cpu"), "flow")
     batches(0, 0, 1)  # the epoch's permutation, drawn once
     n_assemble = 1000
     start, cpu = time.perf_counter(), time.process_time()
@@ -130,8 +134,15 @@ def train(rows: int, root: Path, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    steps_per_s = steps / (time.perf_counter() - start)
     assert len(batch_indices(0, rows, tcfg.batch_size, 0)) == tcfg.batch_size
-    return {"assemble": assemble, "steps_per_s": steps / (time.perf_counter() - start), "loss": loss.item()}
+
+    start = time.perf_counter()
+    info = PipelineInfo(None, L, norm.mean, norm.std)
+    pipe = TextToImagePipeline(dit.eval(), vqvae, info)
+    sample_grid(pipe, cache, tcfg.sample_prompts, SampleOptions(steps=2), root / "samples.png")
+    grid_s = time.perf_counter() - start
+    return {"assemble": assemble, "steps_per_s": steps_per_s, "loss": loss.item(), "grid_s": grid_s}
 
 
 def size(path: Path) -> float:
@@ -161,6 +172,8 @@ def main() -> None:
         print(f"batch assembly: {result['assemble'][0]:.0f} samples/s, {result['assemble'][1]:.0f} samples per CPU "
               f"second (batch {CFG.dit_train.batch_size}, 1 thread)")
         print(f"DiT: {args.steps} steps at {result['steps_per_s']:.2f} steps/s, last loss {result['loss']:.3f}")
+        print(f"sample grid of {len(CFG.dit_train.sample_prompts)} prompts from the cache (2 sampler steps): "
+              f"{result['grid_s']:.1f} s")
         print(f"peak RSS: builders {build_rss:.2f} GiB (largest process), trainer {train_rss:.2f} GiB")
     finally:
         if not args.keep:

@@ -248,6 +248,7 @@ class CaptionCache:
         except CacheError as e:
             raise CaptionCacheError(str(e)) from None
         self._row: dict[str, int] | None = None  # caption -> row, read from the sidecars when first needed
+        self._found: dict[str, int] = {}  # the rows `lookup` found: a few captions, not the whole dictionary
         self._reader: ShardReader | None = None
 
     def __len__(self) -> int:
@@ -344,9 +345,30 @@ class CaptionCache:
         t = self.reader().gather(rows)
         return {"hidden": t["hidden"].float(), "mask": t["mask"], "pooled": t["pooled"]}
 
-    def get(self, captions: Sequence[str]) -> TextEmbeddings:
-        """`conditioning` of the captions, in caption order, encoding only what is missing."""
+    def lookup(self, captions: Sequence[str]) -> torch.Tensor:
+        """Rows (B,) of a few captions (a trainer's empty caption and sample prompts), encoding any not cached,
+        without the whole caption -> row dictionary: the sidecars are read in row order until every caption is
+        found (the text stage plans those captions first), and the rows found are remembered. A trainer's memory
+        stays flat however many captions the cache holds; only a caption not cached at all loads the dictionary
+        (to plan its encoding), once."""
         captions = _check_captions(captions)
-        idx = self.rows(captions) if all(c in self._rows() for c in captions) else self.encode_all(captions)
-        t = self.text(idx)
+        if self._row is not None:  # the dictionary is loaded already (a builder's)
+            self._found.update((c, self._row[c]) for c in captions if c in self._row)
+        want = dict.fromkeys(c for c in captions if c not in self._found)  # in caption order
+        for start, end in self.store.shards() if want and self._row is None else []:
+            if self.store.complete(start, end, verify=False, sidecar=True):
+                for i, c in enumerate(self.store.sidecar(start, end)):
+                    if c in want:  # a caption in two shards: the first copy wins, as in _rows
+                        self._found[c] = start + i
+                        del want[c]
+            if not want:
+                break
+        if want:
+            self._found.update(zip(want, self.encode_all(list(want)).tolist()))
+            self._row = None  # the dictionary the plan needed is not kept
+        return torch.tensor([self._found[c] for c in captions], dtype=torch.long)
+
+    def get(self, captions: Sequence[str]) -> TextEmbeddings:
+        """`conditioning` of a few captions, in caption order, encoding only what is missing (`lookup`)."""
+        t = self.text(self.lookup(captions))
         return TextEmbeddings(t["hidden"], t["mask"], t["pooled"])

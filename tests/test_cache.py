@@ -37,6 +37,8 @@ class FakeCaptionCache:
     def rows(self, captions):
         return torch.tensor([self.captions.index(c) for c in captions], dtype=torch.long)
 
+    lookup = rows
+
     def text(self, rows):
         return {"hidden": self.hidden[rows].float(), "mask": torch.ones(len(rows), 3, dtype=torch.bool),
                 "pooled": self.pooled[rows]}

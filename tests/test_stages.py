@@ -27,6 +27,8 @@ class FakeCaptionCache:
     def rows(self, captions):
         return torch.tensor([CAPTIONS.index(c) for c in captions])
 
+    lookup = rows
+
     def text(self, rows):
         return {"hidden": self.hidden[rows].float(), "mask": self.mask[rows], "pooled": self.pooled[rows].float()}
 

@@ -245,6 +245,18 @@ def test_cache_rows_index_the_full_tensors(minilm, seen, tmp_path):
     assert seen == ["x", "y"]
 
 
+def test_lookup_reads_sidecars_only_until_the_captions_are_found(minilm, seen, tmp_path):
+    CaptionCache(minilm, tmp_path, shard_rows=2).encode_all(["", "p", "a", "b", "c", "d"])  # 3 shards
+    cache = CaptionCache(minilm, tmp_path, shard_rows=2)  # a trainer's: nothing read yet
+    read, sidecar = [], cache.store.sidecar
+    cache.store.sidecar = lambda start, end: read.append(start) or sidecar(start, end)
+    assert cache.lookup(["p", "", "p"]).tolist() == [1, 0, 1] and read == [0]  # the first shard only
+    assert cache.lookup(["b", ""]).tolist() == [3, 0] and read == [0, 0, 2]
+    assert cache.lookup(["", "b"]).tolist() == [0, 3] and read == [0, 0, 2]  # remembered
+    assert cache.lookup(["new", "a"]).tolist() == [6, 2] and seen[-1] == "new"  # a missing caption is encoded
+    assert torch.equal(cache.get(["b"]).hidden, cache.text(torch.tensor([3]))["hidden"])
+
+
 def test_cache_rebuilds_damaged_and_unfinished_shards_into_the_same_rows(minilm, seen, tmp_path):
     cache = CaptionCache(minilm, tmp_path, shard_rows=1)
     cache.encode_all(["p", "q", "r"])  # one shard per caption

@@ -21,7 +21,7 @@ from mmdit.dit import DiT
 from mmdit.flow import flow_loss, sample_t
 from mmdit.grid import save_grid
 from mmdit.loss_bins import LossByT, bin_sums
-from mmdit.masked import mask_tokens, masked_loss
+from mmdit.masked import block_scores, mask_tokens, masked_loss
 from mmdit.model_card import write_model_card
 from mmdit.pipeline import PipelineInfo, TextToImagePipeline
 from mmdit.pixels import to_pil
@@ -45,12 +45,12 @@ class DiTBatches:
     1 process of 32 does."""
 
     def __init__(self, x, captions, cache: CaptionCache, cfg: DiTTrainConfig, seed: int, device: torch.device,
-                 objective: str = "flow", codebook_size: int = 0, null_row: int | None = None):
+                 objective: str = "flow", codebook_size: int = 0):
         # x: the clean data of each row, indexable by rows (a tensor, or a latents.Column read from the cache)
         # captions: each row's candidate captions as caption-cache rows (N, K), -1 padded (a tensor or a Column)
         self.x, self.captions, self.cache, self.cfg, self.seed, self.device = x, captions, cache, cfg, seed, device
         self.objective, self.mask_id = objective, codebook_size  # [MASK] is the id after the last code
-        self.null_row = int(cache.rows([""])[0]) if null_row is None else null_row
+        self.null_row = int(cache.lookup([""])[0])
 
     def text(self, rows: torch.Tensor) -> dict:
         """The conditioning of caption-cache rows (B,): hidden (B, L, D), mask (B, L), pooled (B, D)."""
@@ -72,7 +72,8 @@ class DiTBatches:
             t = sample_t(n, self.cfg.t_mean, self.cfg.t_std, device=device, generator=g) if t is None else t
             return {"t": t, "noise": torch.randn((n, *shape), generator=g, device=device)}
         t = torch.rand(n, generator=g, device=device) if t is None else t
-        return {"t": t, "scores": torch.rand((n, shape.numel()), generator=g, device=device)}
+        scores = torch.rand((n, shape.numel()), generator=g, device=device)
+        return {"t": t, "scores": block_scores(scores, shape[-1], self.cfg.block_masks, g)}
 
     def __call__(self, step: int, slot: int, num_slots: int) -> dict:
         device, bs = self.device, self.cfg.batch_size

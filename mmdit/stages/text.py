@@ -27,7 +27,8 @@ def cache_captions(cfg: Config, accelerator: Accelerator) -> CaptionCache:
     before = len(cache) if accelerator.is_main_process else 0
     captions = [c for split in splits.values() for c in split]
     extra = ["", *cfg.dit_train.sample_prompts] if accelerator.is_main_process else []
-    cache.encode_all(captions + extra, accelerator.process_index, accelerator.num_processes,
+    # The empty caption and the sample prompts first: the DiT stage finds their rows in the first shard.
+    cache.encode_all(extra + captions, accelerator.process_index, accelerator.num_processes,
                      accelerator.wait_for_everyone)
     for split, distinct in splits.items():
         log.info(f"captions: {split}: {len(distinct)} distinct, cache {cache.dir}")
