@@ -89,9 +89,6 @@ class DiTTrainConfig(StageConfig):
     t_mean: float = 0.0  # logit-normal timestep sampling: sigmoid(N(t_mean, t_std^2))
     t_std: float = 1.0
     label_smoothing: float = 0.1  # masked: of the cross-entropy targets (MaskGIT's 0.1)
-    # masked: the share of images whose mask starts with one random rectangle of positions (mmdit.masked.
-    # block_scores), the pattern inpainting decodes; the others mask random positions, as MaskGIT trains.
-    block_masks: float = 0.0
     ema_decay: float = 0.999
     # Prompts of the sample grid written every `image_every` steps.
     sample_prompts: list[str] = field(default_factory=lambda: [
@@ -104,8 +101,6 @@ class DiTTrainConfig(StageConfig):
         super().__post_init__()
         if not 0 <= self.cfg_dropout <= 1:
             raise ValueError(f"dit_train.cfg_dropout={self.cfg_dropout}; accepted: a probability in [0, 1]")
-        if not 0 <= self.block_masks <= 1:
-            raise ValueError(f"dit_train.block_masks={self.block_masks}; accepted: a share in [0, 1]")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"dit_train.label_smoothing={self.label_smoothing}; accepted: a number in [0, 1)")
         if not 0 <= self.ema_decay < 1:

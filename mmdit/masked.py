@@ -42,24 +42,6 @@ def mask_tokens(tokens: torch.Tensor, mask_id: int, u: torch.Tensor, scores: tor
     return torch.where(masked, mask_id, tokens), masked, count / n
 
 
-def block_scores(scores: torch.Tensor, side: int, share: float, generator: torch.Generator) -> torch.Tensor:
-    """Position scores (B, N = side * side) for mask_tokens, a `share` of the images' raised by 1 outside one random
-    rectangle (corners drawn uniformly): those images mask the rectangle's positions first, in random order, and
-    only past its size random others. That is what inpainting decodes, a block of masked tokens in known context,
-    which random positions on a small grid almost never make. share 0 returns `scores` and draws nothing."""
-    if share == 0:
-        return scores
-    n, device = len(scores), scores.device
-    chosen = torch.rand(n, generator=generator, device=device) < share  # (B,)
-    corners = torch.randint(0, side, (n, 2, 2), generator=generator, device=device)  # (B, y / x, two corners)
-    lo, hi = corners.min(2).values, corners.max(2).values  # (B, 2)
-    at = torch.arange(side, device=device)
-    inside_y = (at >= lo[:, :1]) & (at <= hi[:, :1])  # (B, side)
-    inside_x = (at >= lo[:, 1:]) & (at <= hi[:, 1:])
-    inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)  # (B, N)
-    return scores + (chosen[:, None] & ~inside).to(scores.dtype)
-
-
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
                 label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-sample cross-entropy (B,) over the masked positions only: logits (M, K) of the M masked positions

@@ -58,7 +58,6 @@ TRAIN_CASES = [
     (["dit_train.gradient_accumulation_steps=-1"], "dit_train.gradient_accumulation_steps=-1; accepted: an integer >= 1"),
     (["dit_train.lr=0"], "dit_train.lr=0.0; accepted: a number > 0"),
     (["dit_train.cfg_dropout=1.5"], "dit_train.cfg_dropout=1.5; accepted: a probability in [0, 1]"),
-    (["dit_train.block_masks=-0.1"], "dit_train.block_masks=-0.1; accepted: a share in [0, 1]"),
     (["dit.mode=diagonal"], "dit.mode='diagonal'; accepted: cross, joint"),
     (["sample.guidance=-1"], "sample.guidance=-1.0; accepted: a finite number >= 0 (1 = no guidance)"),
     (["sample.guidance=.nan"], "sample.guidance=nan; accepted: a finite number >= 0"),

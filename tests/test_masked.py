@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mmdit.masked import block_scores, mask_ratio, mask_tokens, masked_loss, plausibility, sample, still_masked
+from mmdit.masked import mask_ratio, mask_tokens, masked_loss, plausibility, sample, still_masked
 
 K, N = 16, 12
 
@@ -19,28 +19,6 @@ def test_mask_tokens_masks_the_scheduled_share_at_least_one_and_reports_it():
     assert torch.equal(counts.float(), expected) and counts.min() >= 1 and counts[0] == N
     assert torch.equal(ratio, counts / N)
     assert (inputs[masked] == K).all() and torch.equal(inputs[~masked], tokens[~masked])
-
-
-def test_block_masks_fill_one_rectangle_first_then_random_positions():
-    g, side, n = torch.Generator().manual_seed(0), 6, 400
-    scores = torch.rand(n, side * side, generator=g)
-    assert block_scores(scores, side, 0.0, g) is scores
-    state = g.get_state()
-    biased = block_scores(scores, side, 1.0, g)
-    assert not torch.equal(g.get_state(), state)
-    inside = (biased < 1).view(n, side, side)  # the rectangle of each image
-    rows, cols = inside.any(2), inside.any(1)
-    assert torch.equal(inside, rows[:, :, None] & cols[:, None, :])  # a rectangle, whole
-    assert inside.flatten(1).sum(1).min() >= 1 and inside.flatten(1).sum(1).max() == side * side
-    tokens = torch.zeros(n, side * side, dtype=torch.long)
-    for u in (0.2, 0.5, 0.9):
-        _, masked, _ = mask_tokens(tokens, 9, torch.full((n,), u), biased)
-        small = masked.sum(1) <= inside.flatten(1).sum(1)  # the count fits in the rectangle: all of it inside
-        assert (masked[small] <= inside.flatten(1)[small]).all() and small.any()
-        assert (masked[~small] >= inside.flatten(1)[~small]).all()  # past its size: the rectangle and others
-    half = block_scores(scores, side, 0.5, torch.Generator().manual_seed(1))
-    share = (half >= 1).any(1).float().mean().item()  # images whose rectangle is not the whole grid
-    assert 0.35 < share < 0.55
 
 
 def test_mask_ratio_is_the_cosine_schedule():

@@ -21,7 +21,7 @@ from mmdit.dit import DiT
 from mmdit.flow import flow_loss, sample_t
 from mmdit.grid import save_grid
 from mmdit.loss_bins import LossByT, bin_sums
-from mmdit.masked import block_scores, mask_tokens, masked_loss
+from mmdit.masked import mask_tokens, masked_loss
 from mmdit.model_card import write_model_card
 from mmdit.pipeline import PipelineInfo, TextToImagePipeline
 from mmdit.pixels import to_pil
@@ -72,8 +72,7 @@ class DiTBatches:
             t = sample_t(n, self.cfg.t_mean, self.cfg.t_std, device=device, generator=g) if t is None else t
             return {"t": t, "noise": torch.randn((n, *shape), generator=g, device=device)}
         t = torch.rand(n, generator=g, device=device) if t is None else t
-        scores = torch.rand((n, shape.numel()), generator=g, device=device)
-        return {"t": t, "scores": block_scores(scores, shape[-1], self.cfg.block_masks, g)}
+        return {"t": t, "scores": torch.rand((n, shape.numel()), generator=g, device=device)}
 
     def __call__(self, step: int, slot: int, num_slots: int) -> dict:
         device, bs = self.device, self.cfg.batch_size
