@@ -37,7 +37,7 @@ from mmdit.pipeline import PipelineInfo, TextToImagePipeline
 from mmdit.sampling import SampleOptions
 from mmdit.stages.dit import DiTBatches, sample_grid
 from mmdit.text_encoder import CaptionCache, TextEmbeddings
-from mmdit.trainer import batch_indices
+from mmdit.data.order import batch_indices
 from mmdit.vqvae import VQVAE
 
 CFG = load_config(_common.DEFAULT_CONFIG)

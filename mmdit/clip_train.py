@@ -41,7 +41,8 @@ from mmdit.config import ConfigError, StageConfig, load_config
 from mmdit.data.loader import DataError, ImageCaptions, dataset_source, ensure_dataset, pick_caption
 from mmdit.data.shapes import ATTRIBUTES
 from mmdit.metrics import FID, add_noise, clip_extractor, image_features, retrieve, text_features
-from mmdit.trainer import batch_indices, fit
+from mmdit.data.order import batch_indices
+from mmdit.trainer import fit
 
 NOISE_LEVELS = (4, 8, 16, 32)  # std of the added pixel noise, in 0..255 units
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's cap on the softmax temperature: exp(logit_scale) <= 100

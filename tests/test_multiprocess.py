@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from mmdit.checkpoints import CheckpointError
 from mmdit.latents import LatentSplit
-from mmdit.trainer import batch_indices
+from mmdit.data.order import batch_indices
 from train.train import main
 
 from conftest import PRECISION, tiny_args, tolerance
@@ -137,7 +137,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from mmdit.config import StageConfig
-from mmdit.trainer import batch_indices, fit
+from mmdit.data.order import batch_indices
+from mmdit.trainer import fit
 
 out, precision = Path(sys.argv[1]), sys.argv[2]
 accelerator = Accelerator(cpu=True, mixed_precision="no")

@@ -9,7 +9,8 @@ from mmdit.config import DiTTrainConfig, StageConfig
 from mmdit.dit import DiT, DiTModelConfig
 from mmdit.stages.dit import DiTBatches, Validation, loss_by_t
 from mmdit.stages.vqvae import ImageBatches, ReconLoss
-from mmdit.trainer import batch_indices, due
+from mmdit.data.order import batch_indices
+from mmdit.trainer import due
 from mmdit.vqvae import VQVAE, VQVAEConfig
 
 CAPTIONS = ["", "a red circle", "a blue square", "a green triangle"]

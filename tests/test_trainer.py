@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from mmdit.checkpoints import CheckpointError, Checkpoints
 from mmdit.config import StageConfig
-from mmdit.trainer import STOPPED_RESUMABLE, TrainingDiverged, batch_indices, fit
+from mmdit.data.order import batch_indices
+from mmdit.trainer import STOPPED_RESUMABLE, TrainingDiverged, fit
 from train.train import main
 
 from conftest import PRECISION, tiny_args, tolerance

@@ -28,7 +28,8 @@ from mmdit.pixels import to_pil
 from mmdit.sampling import SampleOptions
 from mmdit.stages import check_enough_rows
 from mmdit.text_encoder import CaptionCache
-from mmdit.trainer import batch_indices, fit
+from mmdit.data.order import batch_indices
+from mmdit.trainer import fit
 from mmdit.vqvae import VQVAE
 
 log = get_logger("mmdit.train")

@@ -24,7 +24,8 @@ from mmdit.pixels import to_float, to_pil
 from mmdit.shards import ShardStore
 from mmdit.stages import check_enough_rows
 from mmdit.text_encoder import CaptionCache
-from mmdit.trainer import batch_indices, fit
+from mmdit.data.order import batch_indices
+from mmdit.trainer import fit
 from mmdit.vqvae import VQVAE, code_stats, psnr
 
 log = get_logger("mmdit.train")
