@@ -31,13 +31,13 @@ import torch
 
 from mmdit import latents
 from mmdit.config import load_config
+from mmdit.data.order import batch_indices
 from mmdit.dit import DiT
 from mmdit.shards import ShardStore, split_rows
 from mmdit.pipeline import PipelineInfo, TextToImagePipeline
 from mmdit.sampling import SampleOptions
 from mmdit.stages.dit import DiTBatches, sample_grid
 from mmdit.text_encoder import CaptionCache, TextEmbeddings
-from mmdit.data.order import batch_indices
 from mmdit.vqvae import VQVAE
 
 CFG = load_config(_common.DEFAULT_CONFIG)
@@ -116,7 +116,7 @@ def train(rows: int, root: Path, steps: int) -> dict:
     x = cached.indices.map(latents.FlowLatents(vqvae, norm), (CFG.vqvae.code_dim, H, H))
     tcfg = CFG.dit_train
     batches = DiTBatches(x, cached.captions, cache, tcfg, 0, torch.device("cpu"), "flow")
-    batches(0, 0, 1)  # the epoch's permutation, drawn once
+    batches(0, 0, 1)  # warm-up: the first chunk of the epoch's order, the reader's file descriptors
     n_assemble = 1000
     start, cpu = time.perf_counter(), time.process_time()
     for step in range(1, n_assemble + 1):
