@@ -260,11 +260,15 @@ class CaptionCache:
     def _rows(self) -> dict[str, int]:
         if self._row is None:
             self._row = {}
-            for start, end in self.store.shards():
-                if self.store.complete(start, end, verify=False, sidecar=True):
-                    for i, c in enumerate(self.store.sidecar(start, end)):
-                        self._row.setdefault(c, start + i)  # a caption in two shards: the first copy wins
+            for c, row in self._cached():
+                self._row.setdefault(c, row)  # a caption in two shards: the first copy wins
         return self._row
+
+    def _cached(self):
+        """(caption, row) of every complete shard, in row order, read from the sidecars one shard at a time."""
+        for start, end in self.store.shards():
+            if self.store.complete(start, end, verify=False, sidecar=True):
+                yield from ((c, start + i) for i, c in enumerate(self.store.sidecar(start, end)))
 
     def reader(self) -> ShardReader:
         if self._reader is None:
@@ -355,14 +359,12 @@ class CaptionCache:
         if self._row is not None:  # the dictionary is loaded already (a builder's)
             self._found.update((c, self._row[c]) for c in captions if c in self._row)
         want = dict.fromkeys(c for c in captions if c not in self._found)  # in caption order
-        for start, end in self.store.shards() if want and self._row is None else []:
-            if self.store.complete(start, end, verify=False, sidecar=True):
-                for i, c in enumerate(self.store.sidecar(start, end)):
-                    if c in want:  # a caption in two shards: the first copy wins, as in _rows
-                        self._found[c] = start + i
-                        del want[c]
-            if not want:
-                break
+        for c, row in self._cached() if want and self._row is None else ():
+            if c in want:  # a caption in two shards: the first copy wins, as in _rows
+                self._found[c] = row
+                del want[c]
+                if not want:
+                    break
         if want:
             self._found.update(zip(want, self.encode_all(list(want)).tolist()))
             self._row = None  # the dictionary the plan needed is not kept
