@@ -309,6 +309,35 @@ def validation_logs(weights: Weights, validate: Callable, mixed_precision: str) 
     return logs
 
 
+class StepLog:
+    """A log step's scalars, under `<name>/` in tensorboard and on the bar: what the loop measured, the samples
+    per second since the previous log step, the stage's validation (`val_*`) and its extras (`log_extra`)."""
+
+    def __init__(self, weights: Weights, bar, samples_per_step: int, start: int, validate: Callable | None,
+                 log_extra: Callable[[int], dict] | None):
+        self.weights, self.bar, self.samples_per_step = weights, bar, samples_per_step
+        self.validate, self.log_extra = validate, log_extra
+        self.tick, self.tick_step = time.perf_counter(), start
+
+    def __call__(self, done: int, scalars: dict, mixed_precision: str) -> None:
+        seconds = time.perf_counter() - self.tick
+        scalars["samples_per_s"] = (done - self.tick_step) * self.samples_per_step / seconds
+        if self.validate is not None:
+            logs = validation_logs(self.weights, self.validate, mixed_precision)
+            scalars.update({f"val_{k}": v for k, v in logs.items()})
+        scalars.update(self.log_extra(done) if self.log_extra is not None else {})
+        self.weights.accelerator.log({f"{self.weights.name}/{k}": float(v) for k, v in scalars.items()}, step=done)
+        self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
+        self.tick, self.tick_step = time.perf_counter(), done  # validation's time is not the steps'
+
+
+def exit_resumable(accelerator: Accelerator, why: str) -> None:
+    """After a stop signal's checkpoint: end, with the exit code that says 'not done, run again to resume'."""
+    log.warning(f"{why}. Run the same command again to resume (exit code {STOPPED_RESUMABLE})")
+    accelerator.end_training()
+    raise SystemExit(STOPPED_RESUMABLE)
+
+
 def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageConfig,
         get_batch: Callable[[int, int, int], object],
         loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]], out_dir: Path,
@@ -337,7 +366,7 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
     first_slot = accelerator.process_index * accum
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name,
                disable=not accelerator.is_local_main_process, mininterval=1.0)
-    tick, tick_step, chosen = time.perf_counter(), start, None
+    step_log, chosen = StepLog(weights, bar, cfg.batch_size * slots, start, validate, log_extra), None
     with StopSignal(accelerator) as stop:
         for step in bar:
             for group in optimizer.param_groups:
@@ -360,15 +389,8 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
             if now.log or now.checkpoint:
                 check_bad_steps(weights, bad_steps, done)
             if now.log:  # the only host syncs of the loop: .item() on log and checkpoint steps
-                scalars = {**logs, "loss": loss_sum.item() / accum, "grad_norm": grad_norm,
-                           "lr": optimizer.param_groups[0]["lr"], "bad_steps": bad_steps.total,
-                           "samples_per_s": (done - tick_step) * cfg.batch_size * slots / (time.perf_counter() - tick)}
-                if validate is not None:
-                    scalars.update({f"val_{k}": v for k, v in validation_logs(weights, validate, chosen).items()})
-                scalars.update(log_extra(done) if log_extra is not None else {})
-                accelerator.log({f"{name}/{k}": float(v) for k, v in scalars.items()}, step=done)
-                bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
-                tick, tick_step = time.perf_counter(), done
+                step_log(done, {**logs, "loss": loss_sum.item() / accum, "grad_norm": grad_norm,
+                                "lr": optimizer.param_groups[0]["lr"], "bad_steps": bad_steps.total}, chosen)
             if now.image or now.checkpoint:
                 weights.gather(with_model=now.image)
             if now.image and accelerator.is_main_process:
@@ -377,10 +399,7 @@ def fit(accelerator: Accelerator, name: str, model: torch.nn.Module, cfg: StageC
                 path = weights.save(done)
             if now.stop:
                 bar.close()
-                log.warning(f"{name}: stopped by {now.stop} after step {done}; checkpoint {path}. "
-                            f"Run the same command again to resume (exit code {STOPPED_RESUMABLE})")
-                accelerator.end_training()
-                raise SystemExit(STOPPED_RESUMABLE)
+                exit_resumable(accelerator, f"{name}: stopped by {now.stop} after step {done}; checkpoint {path}")
     if cfg.steps > start and bad_steps.total == cfg.steps - start:  # shorter than max_bad_steps, all of it bad
         raise TrainingDiverged(f"{name}: every step ({start + 1} to {cfg.steps}) had a non-finite loss or gradient; "
                                f"nothing was learned or exported; lower {cfg.section}.lr or check the data")
