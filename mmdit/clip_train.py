@@ -25,6 +25,7 @@ the recipe and the held-out checks, all measured on the validation split, which 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -133,6 +134,27 @@ def fid_checks(clip, train: ImageCaptions, val: ImageCaptions) -> dict:
     return report
 
 
+def tokenize(captions: list[str], context_length: int) -> torch.Tensor:
+    """Captions -> open_clip BPE tokens (C, L), L = `context_length`, or the longest caption's length (start and
+    end tokens included) when 0. A longer caption is cut, keeping its end token (the text tower pools there)."""
+    tokens = open_clip.SimpleTokenizer(context_length=max(77, context_length))(captions)  # (C, >= 77), 0 = padding
+    longest = int((tokens != 0).sum(1).max())
+    context_length = context_length or longest
+    if longest > context_length:
+        print(f"train_clip: captions up to {longest} tokens are cut to --context-length {context_length}")
+        tokens[:, context_length - 1] = tokens[:, context_length - 1:].max(1).values
+    return tokens[:, :context_length]
+
+
+def clip_loss(loss_of: open_clip.ClipLoss, model, batch) -> tuple[torch.Tensor, dict]:
+    """open_clip's contrastive loss, with the in-batch image->text top-1 and the logit scale as logs."""
+    image, text, scale = model(*batch)  # normalised (B, D), (B, D) and exp(logit_scale)
+    loss = loss_of(image, text, scale)
+    with torch.no_grad():
+        accuracy = ((image @ text.T).argmax(-1) == torch.arange(len(image), device=image.device)).float().mean()
+    return loss, {"in_batch_top1": accuracy, "logit_scale": scale.detach()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.data, args.overrides)
@@ -144,16 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.data.resolution % args.patch_size:
         raise ConfigError(f"--patch-size {args.patch_size} does not divide data.resolution={cfg.data.resolution}")
 
-    # Every candidate caption tokenised once; a batch then only indexes the table.
     distinct = list(dict.fromkeys(c for caps in train.captions for c in caps))
     row_of = {c: i for i, c in enumerate(distinct)}
-    tokens = open_clip.SimpleTokenizer(context_length=max(77, args.context_length))(distinct)  # (captions, 77)
-    longest = int((tokens != 0).sum(1).max())  # with the start and end tokens; 0 is padding
-    args.context_length = args.context_length or longest
-    if longest > args.context_length:
-        print(f"train_clip: captions up to {longest} tokens are cut to --context-length {args.context_length}")
-        tokens[:, args.context_length - 1] = tokens[:, args.context_length - 1:].max(1).values  # keep an end token
-    tokens = tokens[:, :args.context_length]
+    tokens = tokenize(distinct, args.context_length)  # (captions, L): a batch only indexes the table
+    args.context_length = tokens.shape[1]
     mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
     per_epoch = len(train) // (args.batch_size * accelerator.num_processes)
@@ -165,15 +181,6 @@ def main(argv: list[str] | None = None) -> dict:
         x = (train.images[rows].float() / 255 - mean) / std  # what mmdit.clip.CLIP.preprocess feeds at eval
         return x.to(accelerator.device), tokens[[row_of[c] for c in caps]].to(accelerator.device)
 
-    loss_of = open_clip.ClipLoss()
-
-    def loss_fn(model, batch):
-        image, text, scale = model(*batch)  # normalised (B, D), (B, D) and exp(logit_scale)
-        loss = loss_of(image, text, scale)
-        with torch.no_grad():
-            accuracy = ((image @ text.T).argmax(-1) == torch.arange(len(image), device=image.device)).float().mean()
-        return loss, {"in_batch_top1": accuracy, "logit_scale": scale.detach()}
-
     model_cfg = model_config(args, cfg.data.resolution)
     torch.manual_seed(args.seed)
     model = open_clip.CLIP(**model_cfg)
@@ -184,8 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"({sum(p.numel() for p in model.token_embedding.parameters()) / 1e6:.2f}M in the token embedding), "
           f"{len(train)} train pairs, {args.steps} steps of {args.batch_size}")
     start = time.perf_counter()
-    model = fit(accelerator, "clip", model, stage, get_batch, loss_fn, out, mixed_precision=cfg.train.mixed_precision,
-                after_step=clamp_logit_scale)
+    model = fit(accelerator, "clip", model, stage, get_batch, functools.partial(clip_loss, open_clip.ClipLoss()), out,
+                mixed_precision=cfg.train.mixed_precision, after_step=clamp_logit_scale)
     seconds = time.perf_counter() - start
     info = {"in_domain": True,
             "note": "trained on this dataset by eval/train_clip.py: in-domain scores, not comparable with "

@@ -135,3 +135,30 @@ def test_train_clip_clamps_logit_scale_after_each_step(tmp_path):
         after_step=clamp_logit_scale)
     assert MAX_LOGIT_SCALE == pytest.approx(math.log(100))
     assert seen[1:] + [model.logit_scale.item()] == pytest.approx([MAX_LOGIT_SCALE] * 4)  # clamped after every step
+
+
+def test_train_clip_tokenizes_to_the_longest_caption_and_cuts_keeping_the_end_token():
+    from mmdit.clip_train import tokenize
+
+    captions = ["a red circle", "a small blue square in the bottom right corner of the picture"]
+    full = open_clip.SimpleTokenizer()(captions)  # (2, 77), 0 = padding, the end token the largest id
+    longest = int((full != 0).sum(1).max())
+    assert torch.equal(tokenize(captions, 0), full[:, :longest])  # 0 = automatic: nothing cut
+    cut = tokenize(captions, 6)
+    assert cut.shape == (2, 6) and torch.equal(cut[1, :5], full[1, :5])
+    assert cut[1, -1] == full.max() and cut[0, -1] == 0  # the long caption keeps its end token; the short one fits
+
+
+def test_train_clip_loss_logs_in_batch_top1():
+    from mmdit.clip_train import clip_loss
+
+    class Towers(torch.nn.Module):  # the features are the inputs themselves, normalised
+        def forward(self, image, text):
+            return torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1), \
+                torch.tensor(10.0)
+
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    matched, logs = clip_loss(open_clip.ClipLoss(), Towers(), (x, x))  # text i is image i: every pair retrieved
+    assert logs["in_batch_top1"] == 1.0 and logs["logit_scale"] == 10.0
+    shifted, logs = clip_loss(open_clip.ClipLoss(), Towers(), (x, x[[1, 2, 3, 0]]))  # every text another image's
+    assert logs["in_batch_top1"] == 0.0 and shifted > matched
