@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -331,7 +331,7 @@ class StepLog:
         self.tick, self.tick_step = time.perf_counter(), done  # validation's time is not the steps'
 
 
-def exit_resumable(accelerator: Accelerator, why: str) -> None:
+def exit_resumable(accelerator: Accelerator, why: str) -> NoReturn:
     """After a stop signal's checkpoint: end, with the exit code that says 'not done, run again to resume'."""
     log.warning(f"{why}. Run the same command again to resume (exit code {STOPPED_RESUMABLE})")
     accelerator.end_training()
