@@ -80,6 +80,12 @@ def plausibility(logits_fn: LogitsFn, tokens: torch.Tensor, mask_id: int, unifor
     return logp
 
 
+def lowest(scores: torch.Tensor, group: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The count (B,) positions of `group` (B, n) bool with the lowest scores (B, n) -> bool (B, n)."""
+    rank = torch.where(group, scores, math.inf).argsort(dim=1).argsort(dim=1)
+    return group & (rank < count[:, None])
+
+
 @torch.no_grad()
 def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codebook_size: int, device,
            steps: int = 12, temperature: float = 1.0, randomness: float = 4.5, tokens: torch.Tensor | None = None,
@@ -90,35 +96,41 @@ def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codeb
     Editing, from the code indices `tokens` (B, n) of an image: re-mask round(strength * R) of the R positions
     of `region` (B, n) bool (None = all: image-to-image; the repainted cells: inpainting), the least plausible
     under the prompt first (`plausibility`: two more model calls), and decode them in ceil(strength * steps)
-    steps, the schedule scaled to that count; every other token is kept."""
+    steps, the schedule scaled to that count. The tokens outside the region are never decoded: the same share
+    `strength` of them, chosen at random, is hidden at the start and revealed with their own values on the
+    same schedule, so that the model sees a random share of the image masked, as in training. (Shown the rest
+    of the image whole, it reads the hole as where the object is and fills it: the objects it inpaints come out
+    too large and off-centre; docs/editing.md has the numbers.)"""
     b, mask_id = len(generators), codebook_size
     steps = edit_steps(steps, strength)
     # Two uniforms per image, step and position, drawn up front: one picks the token (inverse CDF), one is the
-    # confidence noise. (K per position for a Gumbel-max draw would be most of a step's sampling work.)
+    # confidence noise (outside the region: the order of revealing). (K per position for a Gumbel-max draw
+    # would be most of a step's sampling work.)
     draws = torch.stack([torch.rand(steps, n, 2, generator=g) for g in generators]).to(device)  # (B, T, n, 2)
+    region = torch.ones(b, n, dtype=torch.bool, device=device) if region is None else region
     if tokens is None:
-        tokens = torch.full((b, n), mask_id, dtype=torch.long, device=device)
-        masked = torch.ones(b, n, dtype=torch.bool, device=device)
+        known = torch.full((b, n), mask_id, dtype=torch.long, device=device)
+        masked = region
     else:  # after the decoding's draws, so that strength 1 over the whole image draws as text-to-image does
+        known = tokens.long()
         scores = torch.stack([torch.rand(n, generator=g) for g in generators]).to(device)  # (B, n)
-        region = torch.ones_like(tokens, dtype=torch.bool) if region is None else region
-        count = (strength * region.sum(1)).round().long()  # (B,)
         if strength < 1:  # the least likely under the prompt first, the uniforms breaking ties
-            scores = plausibility(logits_fn, tokens.long(), mask_id, scores) + 1e-3 * scores
-        rank = torch.where(region, scores, math.inf).argsort(dim=1).argsort(dim=1)
-        masked = rank < count[:, None]
-        tokens = torch.where(masked, mask_id, tokens.long())
-    total = masked.sum(1)  # (B,)
+            scores = plausibility(logits_fn, known, mask_id, scores) + 1e-3 * scores
+        masked = (lowest(scores, region, (strength * region.sum(1)).round().long())
+                  | lowest(scores, ~region, (strength * (~region).sum(1)).round().long()))
+    tokens = torch.where(masked, mask_id, known)
+    totals = [(masked & group).sum(1) for group in (region, ~region)]  # (B,) each: where each schedule starts
     for i in range(steps):
         probs = (logits_fn(tokens, masked.float().mean(1)).float() / temperature).softmax(-1)  # (B, n, K)
         cdf = probs.cumsum(-1)  # a token drawn from probs: the first whose cumulative share exceeds the uniform
         choice = torch.searchsorted(cdf, draws[:, i, :, :1] * cdf[..., -1:], right=True)[..., 0]
         choice = choice.clamp(max=codebook_size - 1)
-        choice = torch.where(masked, choice, tokens)
+        choice = torch.where(region, torch.where(masked, choice, tokens), known)
         confidence = probs.gather(-1, choice[..., None])[..., 0].clamp(min=1e-30).log()
         confidence = confidence + randomness * (1 - (i + 1) / steps) * gumbel(draws[:, i, :, 1])
-        confidence = torch.where(masked, confidence, math.inf)  # decided tokens are never re-masked
-        rank = confidence.argsort(dim=1).argsort(dim=1)
-        masked = rank < still_masked(i, steps, total, masked.sum(1))[:, None]  # the least confident stay masked
+        confidence = torch.where(region, confidence, draws[:, i, :, 1])
+        inside, outside = (lowest(confidence, masked & group, still_masked(i, steps, total, (masked & group).sum(1)))
+                           for group, total in zip((region, ~region), totals))  # the least confident stay masked
+        masked = inside | outside
         tokens = torch.where(masked, mask_id, choice)
     return tokens

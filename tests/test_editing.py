@@ -72,18 +72,26 @@ def test_inpainting_repaints_the_mask_and_keeps_every_other_pixel(pipe):
     assert not torch.equal(a[:, inside], b[:, inside])
 
 
-def test_masked_inpainting_never_changes_a_token_outside_the_mask(tiny_masked_run, monkeypatch):
+def test_masked_inpainting_decodes_the_mask_and_reveals_every_other_token_as_given(tiny_masked_run, monkeypatch):
     pipe = TextToImagePipeline.from_pretrained(tiny_masked_run)
     image = picture(seed=3)
     codes = pipe.vqvae.encode(to_float(from_pil(image)[None]))[1][0]  # (8, 8)
-    calls, forward = [], pipe.dit.forward
+    calls, decoded, forward, decode = [], [], pipe.dit.forward, pipe.vqvae.decode_indices
     monkeypatch.setattr(pipe.dit, "forward", lambda x, *rest: calls.append(x.clone()) or forward(x, *rest))
+    monkeypatch.setattr(pipe.vqvae, "decode_indices", lambda c: decoded.append(c.clone()) or decode(c))
     pipe(["a red circle"], image=image, mask_image=mask_of((0, 0, 12, 32)), num_steps=4, guidance_scale=1.0,
          paste_unmasked=False)
     region = torch.zeros(8, 8, dtype=torch.bool)
     region[:, :3] = True  # pixels 0..11 touch latent columns 0, 1 and 2 (one code per 4x4 pixels)
-    assert len(calls) == 4 and (calls[0][0][region] == 32).all()  # the whole region masked: strength 1
-    assert all(torch.equal(x[0][~region], codes[~region]) for x in calls)
+    assert len(calls) == 4 and (calls[0][0] == 32).all()  # strength 1: all hidden at first, outside the mask too
+    hidden_outside = []
+    for x in calls:
+        outside = x[0][~region]
+        shown = outside != 32
+        assert torch.equal(outside[shown], codes[~region][shown])  # hidden or its own code, never another
+        hidden_outside.append(int((~shown).sum()))
+    assert hidden_outside[0] == 40 and all(a > b for a, b in zip(hidden_outside, hidden_outside[1:]))
+    assert torch.equal(decoded[0][0][~region], codes[~region])  # all revealed at the end, as given
 
 
 def test_masked_image_to_image_remasks_a_strength_share_in_that_share_of_the_steps(tiny_masked_run, monkeypatch):

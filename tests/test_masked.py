@@ -125,3 +125,24 @@ def test_image_to_image_remasks_the_tokens_least_plausible_under_the_prompt_firs
     sample(fn, generators([0]), N, K, "cpu", steps=4, tokens=tokens, strength=4 / N)
     remasked = fn.inputs[2][0] == K  # after the two plausibility calls: the first decoding step's input
     assert remasked.nonzero()[:, 0].tolist() == off.tolist()
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_inpainting_reveals_the_rest_on_the_schedule_and_ends_with_it_as_given(strength):
+    fn = Recorder()  # it also checks that the ratio the model is given is the share masked
+    given = torch.randint(0, K, (2, N), generator=torch.Generator().manual_seed(1))
+    region = torch.zeros(2, N, dtype=torch.bool)
+    region[0, :4], region[1, 6:] = True, True
+    tokens = sample(fn, generators([0, 1]), N, K, "cpu", steps=4, tokens=given, region=region, strength=strength)
+    assert torch.equal(tokens[~region], given[~region]) and (tokens < K).all()
+    decoding = fn.inputs[2 if strength < 1 else 0:]  # after the plausibility calls
+    assert len(decoding) == math.ceil(4 * strength)
+    for group in (region, ~region):  # each on the cosine schedule from strength's share of it
+        total = (strength * group.sum(1)).round().long()
+        left = total
+        for i, x in enumerate(decoding):
+            assert torch.equal(((x == K) & group).sum(1), left)
+            left = still_masked(i, len(decoding), total, left)
+    for x in decoding:
+        shown = (x != K) & ~region
+        assert torch.equal(x[shown], given[shown])
