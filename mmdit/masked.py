@@ -113,11 +113,12 @@ def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codeb
         masked = region
     else:  # after the decoding's draws, so that strength 1 over the whole image draws as text-to-image does
         known = tokens.long()
-        scores = torch.stack([torch.rand(n, generator=g) for g in generators]).to(device)  # (B, n)
+        uniforms = torch.stack([torch.rand(n, generator=g) for g in generators]).to(device)  # (B, n)
+        scores = uniforms
         if strength < 1:  # the least likely under the prompt first, the uniforms breaking ties
-            scores = plausibility(logits_fn, known, mask_id, scores) + 1e-3 * scores
+            scores = plausibility(logits_fn, known, mask_id, uniforms) + 1e-3 * uniforms
         masked = (lowest(scores, region, (strength * region.sum(1)).round().long())
-                  | lowest(scores, ~region, (strength * (~region).sum(1)).round().long()))
+                  | lowest(uniforms, ~region, (strength * (~region).sum(1)).round().long()))
     tokens = torch.where(masked, mask_id, known)
     totals = [(masked & group).sum(1) for group in (region, ~region)]  # (B,) each: where each schedule starts
     for i in range(steps):
