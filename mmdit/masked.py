@@ -114,9 +114,8 @@ def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codeb
     else:  # after the decoding's draws, so that strength 1 over the whole image draws as text-to-image does
         known = tokens.long()
         uniforms = torch.stack([torch.rand(n, generator=g) for g in generators]).to(device)  # (B, n)
-        scores = uniforms
-        if strength < 1:  # the least likely under the prompt first, the uniforms breaking ties
-            scores = plausibility(logits_fn, known, mask_id, uniforms) + 1e-3 * uniforms
+        # the least likely under the prompt first, the uniforms breaking ties
+        scores = plausibility(logits_fn, known, mask_id, uniforms) + 1e-3 * uniforms if strength < 1 else uniforms
         masked = (lowest(scores, region, (strength * region.sum(1)).round().long())
                   | lowest(uniforms, ~region, (strength * (~region).sum(1)).round().long()))
     tokens = torch.where(masked, mask_id, known)
@@ -126,7 +125,7 @@ def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codeb
         cdf = probs.cumsum(-1)  # a token drawn from probs: the first whose cumulative share exceeds the uniform
         choice = torch.searchsorted(cdf, draws[:, i, :, :1] * cdf[..., -1:], right=True)[..., 0]
         choice = choice.clamp(max=codebook_size - 1)
-        choice = torch.where(region, torch.where(masked, choice, tokens), known)
+        choice = torch.where(masked, torch.where(region, choice, known), tokens)  # outside: its own code
         confidence = probs.gather(-1, choice[..., None])[..., 0].clamp(min=1e-30).log()
         confidence = confidence + randomness * (1 - (i + 1) / steps) * gumbel(draws[:, i, :, 1])
         confidence = torch.where(region, confidence, draws[:, i, :, 1])
