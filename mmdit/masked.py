@@ -96,18 +96,19 @@ def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codeb
     Editing, from the code indices `tokens` (B, n) of an image: re-mask round(strength * R) of the R positions
     of `region` (B, n) bool (None = all: image-to-image; the repainted cells: inpainting), the least plausible
     under the prompt first (`plausibility`: two more model calls), and decode them in ceil(strength * steps)
-    steps, the schedule scaled to that count. The tokens outside the region are never decoded: the same share
-    `strength` of them, chosen at random, is hidden at the start and revealed with their own values on the
-    same schedule, so that the model sees a random share of the image masked, as in training. (Shown the rest
-    of the image whole, it reads the hole as where the object is and fills it: the objects it inpaints come out
-    too large and off-centre; docs/editing.md has the numbers.)"""
+    steps, the schedule scaled to that count. The tokens kept (outside the region; in image-to-image, those not
+    re-masked) are never decoded: the same share `strength` of them, chosen at random, is hidden at the start
+    and revealed with their own values on the same schedule, so that the model sees a random share of the image
+    masked, as in training. (Shown the rest of the image whole, it reads the hole as where the object is and
+    fills it: objects come out too large and off-centre; docs/editing.md has the numbers.)"""
     b, mask_id = len(generators), codebook_size
     steps = edit_steps(steps, strength)
     # Two uniforms per image, step and position, drawn up front: one picks the token (inverse CDF), one is the
     # confidence noise (outside the region: the order of revealing). (K per position for a Gumbel-max draw
     # would be most of a step's sampling work.)
     draws = torch.stack([torch.rand(steps, n, 2, generator=g) for g in generators]).to(device)  # (B, T, n, 2)
-    region = torch.ones(b, n, dtype=torch.bool, device=device) if region is None else region
+    whole = region is None
+    region = torch.ones(b, n, dtype=torch.bool, device=device) if whole else region
     if tokens is None:
         known = torch.full((b, n), mask_id, dtype=torch.long, device=device)
         masked = region
@@ -116,8 +117,10 @@ def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codeb
         uniforms = torch.stack([torch.rand(n, generator=g) for g in generators]).to(device)  # (B, n)
         # the least likely under the prompt first, the uniforms breaking ties
         scores = plausibility(logits_fn, known, mask_id, uniforms) + 1e-3 * uniforms if strength < 1 else uniforms
-        masked = (lowest(scores, region, (strength * region.sum(1)).round().long())
-                  | lowest(uniforms, ~region, (strength * (~region).sum(1)).round().long()))
+        masked = lowest(scores, region, (strength * region.sum(1)).round().long())
+        if whole:  # image-to-image: the tokens not re-masked are kept, as outside an inpainting mask
+            region = masked
+        masked = masked | lowest(uniforms, ~region, (strength * (~region).sum(1)).round().long())
     tokens = torch.where(masked, mask_id, known)
     totals = [(masked & group).sum(1) for group in (region, ~region)]  # (B,) each: where each schedule starts
     for i in range(steps):

@@ -100,9 +100,9 @@ def test_masked_image_to_image_remasks_a_strength_share_in_that_share_of_the_ste
     monkeypatch.setattr(pipe.dit, "forward", lambda x, *rest: calls.append(x.clone()) or forward(x, *rest))
     pipe(["a red circle"], image=picture(), strength=0.5, num_steps=12, guidance_scale=1.0)
     # Two calls read every token's plausibility (complementary halves hidden), then 0.5 x 12 steps from
-    # 0.5 x 64 tokens masked.
+    # 0.5 x 64 tokens re-masked, and half the 32 kept hidden too, to be revealed with their own codes.
     assert len(calls) == 8 and ((calls[0] == 32) ^ (calls[1] == 32)).all()
-    assert int((calls[2] == 32).sum()) == 32
+    assert int((calls[2] == 32).sum()) == 32 + 16
 
 
 def test_flow_inpainting_keeps_the_known_latents_on_their_path():

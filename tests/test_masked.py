@@ -113,18 +113,38 @@ def test_the_sampled_tokens_follow_the_softmax_of_logits_over_temperature(temper
 
 
 
-def test_image_to_image_remasks_the_tokens_least_plausible_under_the_prompt_first():
-    fn = Recorder()
+def follows_the_schedule(decoding: list[torch.Tensor], region: torch.Tensor, given: torch.Tensor, strength: float,
+                         region_share: float):
+    """Each group is hidden on the cosine schedule from its share at the start (the region: region_share, the rest:
+    strength), and what is shown outside the region is always the given token."""
+    for group, share in ((region, region_share), (~region, strength)):
+        total = (share * group.sum(1)).round().long()
+        left = total
+        for i, x in enumerate(decoding):
+            assert torch.equal(((x == K) & group).sum(1), left)
+            left = still_masked(i, len(decoding), total, left)
+    for x in decoding:
+        shown = (x != K) & ~region
+        assert torch.equal(x[shown], given[shown])
+
+
+def test_image_to_image_remasks_the_least_plausible_and_reveals_the_rest_on_the_schedule():
+    fn = Recorder()  # it also checks that the ratio the model is given is the share masked
     likely = fn.bias.argmax(-1)  # (N,): the prompt's favourite token at each position
-    tokens = likely.clone()[None]
+    given = likely.clone()[None]
     off = torch.tensor([1, 5, 7, 10])  # positions holding a token the prompt finds unlikely
-    tokens[0, off] = fn.bias[off].argmin(-1)
-    assert torch.equal(plausibility(fn, tokens, K, torch.rand(1, N)).topk(4, largest=False).indices.sort().values[0],
+    given[0, off] = fn.bias[off].argmin(-1)
+    assert torch.equal(plausibility(fn, given, K, torch.rand(1, N)).topk(4, largest=False).indices.sort().values[0],
                        off)
     fn.inputs.clear()
-    sample(fn, generators([0]), N, K, "cpu", steps=4, tokens=tokens, strength=4 / N)
-    remasked = fn.inputs[2][0] == K  # after the two plausibility calls: the first decoding step's input
-    assert remasked.nonzero()[:, 0].tolist() == off.tolist()
+    strength = 4 / N
+    tokens = sample(fn, generators([0]), N, K, "cpu", steps=4, tokens=given, strength=strength)
+    chosen = torch.zeros(1, N, dtype=torch.bool)
+    chosen[0, off] = True
+    decoding = fn.inputs[2:]  # after the two plausibility calls
+    assert len(decoding) == math.ceil(4 * strength) and (decoding[0][chosen] == K).all()
+    follows_the_schedule(decoding, chosen, given, strength, 1.0)  # the kept tokens: as outside an inpainting mask
+    assert torch.equal(tokens[~chosen], given[~chosen]) and (tokens < K).all()
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5])
@@ -137,12 +157,4 @@ def test_inpainting_reveals_the_rest_on_the_schedule_and_ends_with_it_as_given(s
     assert torch.equal(tokens[~region], given[~region]) and (tokens < K).all()
     decoding = fn.inputs[2 if strength < 1 else 0:]  # after the plausibility calls
     assert len(decoding) == math.ceil(4 * strength)
-    for group in (region, ~region):  # each on the cosine schedule from strength's share of it
-        total = (strength * group.sum(1)).round().long()
-        left = total
-        for i, x in enumerate(decoding):
-            assert torch.equal(((x == K) & group).sum(1), left)
-            left = still_masked(i, len(decoding), total, left)
-    for x in decoding:
-        shown = (x != K) & ~region
-        assert torch.equal(x[shown], given[shown])
+    follows_the_schedule(decoding, region, given, strength, strength)
