@@ -32,7 +32,6 @@ class DataConfig:
     seed: int = 0
     holdout: list[str] = field(default_factory=list)
     partial_captions: float = 0.0  # shapes: the share of train captions naming only some attributes
-    all_captions: bool = False  # scenes: each image also captioned by every other task it shows
 
     @property
     def generated(self) -> bool:

@@ -367,18 +367,14 @@ def ensure_dataset(cfg: DataConfig) -> None:
         shapes.generate(cfg.path, num_images=cfg.num_images, size=cfg.resolution, seed=cfg.seed, holdout=cfg.holdout,
                         partial_captions=cfg.partial_captions)
     else:
-        scenes.generate(cfg.path, num_images=cfg.num_images, size=cfg.resolution, seed=cfg.seed, holdout=cfg.holdout,
-                        all_captions=cfg.all_captions)
+        scenes.generate(cfg.path, num_images=cfg.num_images, size=cfg.resolution, seed=cfg.seed, holdout=cfg.holdout)
 
 
 def check_generated(cfg: DataConfig, info: dict) -> None:
     asked = {"size": cfg.resolution, "num_images": cfg.num_images, "seed": cfg.seed, "holdout": cfg.holdout}
     if cfg.name == "shapes":
         asked["partial_captions"] = cfg.partial_captions
-    else:
-        asked["all_captions"] = cfg.all_captions
-    # Older datasets predate these keys and were made without them.
-    found = {k: info.get(k, {"partial_captions": 0.0, "all_captions": False}.get(k)) for k in asked}
+    found = {k: info.get(k, 0.0 if k == "partial_captions" else None) for k in asked}
     if found != asked:
         differ = ", ".join(f"{k}={found[k]!r} (asked: {v!r})" for k, v in asked.items() if found[k] != v)
         raise DataError(f"{cfg.path} holds a {cfg.name} dataset generated with {differ}; accepted: the settings it "

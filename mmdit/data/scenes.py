@@ -21,11 +21,8 @@ Held out of train, flagged in validation (``DEFAULT_HOLDOUT``): a binding ("yell
 train), a count ("three squares": no such counting caption), a relation ("circle above triangle", and the same
 picture told as "triangle below circle"). ``generate`` writes ``data/{train,validation}-00000-of-00001.parquet``
 (image, caption, task, spec and objects as JSON, holdout; objects hold shape, color, size, and cx, cy, diameter
-as fractions of the side) and ``scenes.json``, atomically. With ``all_captions`` (``data.all_captions``) a
-caption is a list: the task's own, then one from each other task the scene satisfies as drawn (``true_specs``:
-two objects with a clear relation are also a position, one object also a count of one...), none held out;
-training picks one per draw, the evaluation reads the first.
-CLI: ``python -m mmdit.data.scenes --out DIR --num-images N [--size 64] [--holdout ...] [--all-captions]``
+as fractions of the side) and ``scenes.json``, atomically.
+CLI: ``python -m mmdit.data.scenes --out DIR --num-images N [--size 64] [--holdout ...]``
 """
 
 from __future__ import annotations
@@ -207,55 +204,18 @@ def render_scene(objects: list[dict], size: int = 64) -> Image.Image:
 
 
 def sample_scenes(n: int, size: int = 64, seed=0, holdout: list[dict] = (), exclude_holdout: bool = False,
-                  all_captions: bool = False, progress: bool = False) -> list[dict]:
+                  progress: bool = False) -> list[dict]:
     """``n`` rows (PIL ``image``, ``caption``, ``task``, ``spec``, ``objects``, ``holdout``), tasks round-robin;
-    with ``exclude_holdout`` a spec or scene showing a held-out combination is drawn again. With
-    ``all_captions`` the caption is a list: the task's own first, then ``more_captions`` (from a stream of
-    their own: the scenes are those drawn without)."""
+    with ``exclude_holdout`` a spec or scene showing a held-out combination is drawn again."""
     if size < MIN_SIZE:
         raise ValueError(f"size={size}; accepted: >= {MIN_SIZE}")
-    rng, more = np.random.default_rng(seed), np.random.default_rng([*np.atleast_1d(seed), 1])
+    rng = np.random.default_rng(seed)
     rows = []
     for i in tqdm(range(n), disable=not progress, desc="scenes", unit="img"):
         row = draw_row(rng, TASKS[i % len(TASKS)], size,
                        lambda spec, objects: not (exclude_holdout and matches_holdout(spec, objects, holdout)))
-        if all_captions:
-            # dict.fromkeys: two templates can give the same words ("one red circle": a colour, a count of one)
-            row["caption"] = list(dict.fromkeys([row["caption"], *more_captions(more, row["spec"], row["objects"],
-                                                                                size, holdout)]))
         rows.append(dict(row, holdout=matches_holdout(row["spec"], row["objects"], holdout)))
     return rows
-
-
-def true_specs(objects: list[dict], size: int = 64) -> list[dict]:
-    """Every task spec the scene satisfies as drawn (GenEval's metadata with the same objects): one object is a
-    single object, a colour and a count of one; n alike objects are a count; two different ones are two
-    objects, a colour binding when both shapes and colours differ, and a position for each clear relation."""
-    if len({(o["shape"], o["color"]) for o in objects}) == 1:
-        o, n = objects[0], len(objects)
-        count = dict(task="counting", include=[_clause(o["shape"], o["color"], n)],
-                     exclude=[dict(shape=o["shape"], count=n + 1)])
-        return [dict(task=t, include=[_clause(o["shape"], o["color"])]) for t in ("single_object", "colors")
-                if n == 1] + [count]
-    if len(objects) != 2:
-        return []
-    a, b = objects
-    specs = [dict(task="two_object", include=[_clause(a["shape"], a["color"]), _clause(b["shape"], b["color"])])]
-    if a["shape"] != b["shape"] and a["color"] != b["color"]:
-        specs.append(dict(specs[0], task="color_attr"))
-    for subject, reference in ((a, b), (b, a)):
-        specs += [dict(task="position", include=[_clause(reference["shape"], reference["color"]),
-                                                  _clause(subject["shape"], subject["color"], position=[rel, 0])])
-                  for rel in RELATIONS if _clear_relation(subject, reference, rel, size)]
-    return specs
-
-
-def more_captions(rng, spec: dict, objects: list[dict], size: int, holdout: list[dict]) -> list[str]:
-    """Captions of the scene from the other tasks it satisfies (``true_specs``), one template each, leaving out
-    the spec's own task and anything held out."""
-    specs = [s for s in true_specs(objects, size) if s["task"] != spec["task"]
-             and not matches_holdout(s, objects, holdout)]
-    return [caption_for(s, int(rng.integers(len(TEMPLATES[s["task"]])))) for s in specs]
 
 
 def draw_row(rng, task: str, size: int, accept, tries: int = 10_000) -> dict:
@@ -283,23 +243,19 @@ def _to_dataset(rows: list[dict]):
     columns = {k: [json.dumps(r[k]) if k in ("spec", "objects") else r[k] for r in rows] for k in [*text, "holdout"]}
     features = datasets.Features({"image": datasets.Image(), **{k: datasets.Value("string") for k in text},
                                   "holdout": datasets.Value("bool")})
-    if rows and isinstance(rows[0]["caption"], list):
-        features["caption"] = datasets.Sequence(datasets.Value("string"))
     columns["image"] = [shapes.png(r["image"]) for r in rows]
     return datasets.Dataset.from_dict(columns, features=features)
 
 
 def generate(out_dir, num_images: int, size: int = 64, seed: int = 0, val_fraction: float = 0.05,
-             holdout=DEFAULT_HOLDOUT, all_captions: bool = False, overwrite: bool = False,
-             verbose: bool = True) -> dict:
+             holdout=DEFAULT_HOLDOUT, overwrite: bool = False, verbose: bool = True) -> dict:
     """Write the dataset to ``out_dir`` atomically and return its info dict (also in ``scenes.json``)."""
     holdout = list(holdout)
     parsed = [parse_holdout(h) for h in holdout]
     n_val = round(num_images * val_fraction)
     counts = {"train": num_images - n_val, "validation": n_val}
     info = {"version": VERSION, "size": size, "seed": seed, "num_images": num_images, "val_fraction": val_fraction,
-            "holdout": holdout, "holdout_parsed": parsed, "all_captions": all_captions, "counts": counts,
-            "tasks": TASKS}
+            "holdout": holdout, "holdout_parsed": parsed, "counts": counts, "tasks": TASKS}
     start = time.perf_counter()
 
     def fill(tmp: Path):
@@ -308,8 +264,7 @@ def generate(out_dir, num_images: int, size: int = 64, seed: int = 0, val_fracti
             if counts[split]:  # datasets refuses to load a split file with no rows
                 # Separate streams: validation does not change when the holdout does.
                 rows = sample_scenes(counts[split], size, [seed, split_id], parsed,
-                                     exclude_holdout=split == "train", all_captions=all_captions,
-                                     progress=verbose)
+                                     exclude_holdout=split == "train", progress=verbose)
                 _to_dataset(rows).to_parquet(str(tmp / "data" / f"{split}-00000-of-00001.parquet"))
         (tmp / "scenes.json").write_text(json.dumps(info, indent=2) + "\n")
 
@@ -410,11 +365,8 @@ def main(argv=None):
     p = shapes.generation_parser(__doc__, 64)
     p.add_argument("--holdout", action="append", help="binding, count or relation kept out of train "
                    f"(repeatable; default: {', '.join(DEFAULT_HOLDOUT)})")
-    p.add_argument("--all-captions", action="store_true",
-                   help="caption each scene by every task it shows too (after its own task's caption)")
     a = p.parse_args(argv)
-    generate(a.out, a.num_images, a.size, a.seed, a.val_fraction, a.holdout or DEFAULT_HOLDOUT, a.all_captions,
-             a.overwrite)
+    generate(a.out, a.num_images, a.size, a.seed, a.val_fraction, a.holdout or DEFAULT_HOLDOUT, a.overwrite)
 
 
 if __name__ == "__main__":
