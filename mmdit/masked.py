@@ -109,6 +109,10 @@ def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codeb
     draws = torch.stack([torch.rand(steps, n, 2, generator=g) for g in generators]).to(device)  # (B, T, n, 2)
     whole = region is None
     region = torch.ones(b, n, dtype=torch.bool, device=device) if whole else region
+
+    def share(group: torch.Tensor) -> torch.Tensor:  # (B,): strength's share of each image's group, rounded
+        return (strength * group.sum(1)).round().long()
+
     if tokens is None:
         known = torch.full((b, n), mask_id, dtype=torch.long, device=device)
         masked = region
@@ -117,10 +121,10 @@ def sample(logits_fn: LogitsFn, generators: list[torch.Generator], n: int, codeb
         uniforms = torch.stack([torch.rand(n, generator=g) for g in generators]).to(device)  # (B, n)
         # the least likely under the prompt first, the uniforms breaking ties
         scores = plausibility(logits_fn, known, mask_id, uniforms) + 1e-3 * uniforms if strength < 1 else uniforms
-        masked = lowest(scores, region, (strength * region.sum(1)).round().long())
+        masked = lowest(scores, region, share(region))
         if whole:  # image-to-image: the tokens not re-masked are kept, as outside an inpainting mask
             region = masked
-        masked = masked | lowest(uniforms, ~region, (strength * (~region).sum(1)).round().long())
+        masked = masked | lowest(uniforms, ~region, share(~region))
     tokens = torch.where(masked, mask_id, known)
     totals = [(masked & group).sum(1) for group in (region, ~region)]  # (B,) each: where each schedule starts
     for i in range(steps):

@@ -112,7 +112,6 @@ def test_the_sampled_tokens_follow_the_softmax_of_logits_over_temperature(temper
     assert torch.allclose(share, expected, atol=0.03), (share, expected)
 
 
-
 def follows_the_schedule(decoding: list[torch.Tensor], region: torch.Tensor, given: torch.Tensor, strength: float,
                          region_share: float):
     """Each group is hidden on the cosine schedule from its share at the start (the region: region_share, the rest:
